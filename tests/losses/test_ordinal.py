@@ -1,0 +1,173 @@
+"""Tests of jaxmtl.losses.ordinal: CORAL logits, ordinal softmax, ordinal cross-entropy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.test_util import check_grads
+
+from jaxmtl.losses import ordinal
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.cache
+def _compiled(fn, static_argnums, fixed, grad):
+    f = functools.partial(fn, **dict(fixed))
+    if grad:
+        f = jax.grad(lambda *args_, f_=f, **kwargs_: jnp.sum(f_(*args_, **kwargs_)))
+    return jax.jit(f, static_argnums=static_argnums, compiler_options=_FAST_COMPILE)
+
+
+class _Jit:
+    """``J.name(...)`` runs ``module.name`` under ``jit`` and ``G.name(...)`` the gradient of
+    its sum w.r.t. the first argument (arrays and floats traced, the rest static); eager
+    dispatch is slow on a shared CPU. Bad-input tests call the module directly."""
+
+    def __init__(self, module, grad=False):
+        self._module, self._grad = module, grad
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+        dynamic = lambda v: isinstance(v, (jax.Array, np.ndarray, float))
+
+        def call(*args, **kwargs):
+            static = tuple(i for i, a in enumerate(args) if not dynamic(a))
+            fixed = tuple(sorted((k, v) for k, v in kwargs.items() if not dynamic(v)))
+            traced = {k: v for k, v in kwargs.items() if dynamic(v)}
+            return _compiled(fn, static, fixed, self._grad)(*args, **traced)
+
+        return call
+
+
+J, G = _Jit(ordinal), _Jit(ordinal, grad=True)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _oce_reference(cum, y, w=None):
+    """Loop over thresholds, float64."""
+    cum = np.asarray(cum, np.float64)
+    w = np.ones(cum.shape[-1]) if w is None else np.asarray(w)
+    out = np.zeros(cum.shape[0])
+    for i in range(cum.shape[0]):
+        for k in range(cum.shape[1]):
+            s = _sigmoid(cum[i, k])
+            out[i] -= w[k] * (np.log(s) if y[i] > k else np.log(1 - s))
+    return out
+
+
+def test_hand_values():
+    # cum = [2, 0, -2]: sigmoid = [0.880797, 0.5, 0.119203];
+    # P = [1 - 0.880797, 0.880797 - 0.5, 0.5 - 0.119203, 0.119203]
+    #   = [0.119203, 0.380797, 0.380797, 0.119203].
+    cum = jnp.array([[2.0, 0.0, -2.0]])
+    np.testing.assert_allclose(
+        np.asarray(J.ordinal_softmax(cum))[0], [0.119203, 0.380797, 0.380797, 0.119203], atol=1e-6
+    )
+    # y = 2: -(log sigmoid(2) + log sigmoid(0) + log(1 - sigmoid(-2)))
+    #      = 2 * 0.126928 + 0.693147 = 0.947003.
+    assert float(J.ordinal_cross_entropy(cum, jnp.array([2]))[0]) == pytest.approx(0.947003, 1e-6)
+    # E[y] = 0.880797 + 0.5 + 0.119203 = 1.5; CORAL rule: one logit > 0 -> class 1.
+    assert float(J.ordinal_expected_value(cum)[0]) == pytest.approx(1.5)
+    assert int(J.ordinal_predict(cum)[0]) == 1
+    # CORAL head: s + b_k.
+    out = J.coral_logits(jnp.array([0.5, -1.0]), jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(np.asarray(out), [[1.5, 0.5], [0.0, -1.0]])
+    assert J.ordinal_levels(jnp.array([0, 3, 1]), 4).tolist() == [
+        [0, 0, 0],
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
+
+
+@given(hnp.arrays(np.float64, (5,), elements=st.floats(-30.0, 30.0)))
+def test_rows_sum_to_one_and_match_naive_differences(raw):
+    with jax.enable_x64(True):
+        monotone = -np.sort(-raw)  # non-increasing thresholds: a valid distribution
+        probs = np.asarray(J.ordinal_softmax(jnp.asarray(np.stack([monotone, raw]))))
+        value = float(J.ordinal_expected_value(jnp.asarray(monotone[None]))[0])
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
+    assert np.all(probs[0] >= 0)
+    cum = np.concatenate([[1.0], _sigmoid(raw), [0.0]])
+    np.testing.assert_allclose(probs[1], cum[:-1] - cum[1:], atol=1e-12)
+    assert value == pytest.approx(float(np.dot(np.arange(6), probs[0])), rel=1e-9, abs=1e-12)
+
+
+def test_clip_option_gives_a_distribution():
+    cum = jnp.array([[-1.0, 1.0, 0.0]])  # increasing: raw P(y = 1) < 0
+    raw = np.asarray(J.ordinal_softmax(cum))
+    assert raw.min() < 0
+    clipped = np.asarray(J.ordinal_softmax(cum, clip=True))
+    assert clipped.min() >= 0 and clipped.sum() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_oce_matches_reference_and_k2_is_bce(x64):
+    rng = np.random.default_rng(0)
+    cum = rng.normal(size=(6, 4)) * 3
+    y = rng.integers(0, 5, size=6)
+    w = rng.uniform(0.5, 2.0, size=4)
+    got = J.ordinal_cross_entropy(jnp.asarray(cum), jnp.asarray(y), importance=jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(got), _oce_reference(cum, y, w), rtol=1e-12)
+    z = rng.normal(size=(6, 1)) * 3
+    b = rng.integers(0, 2, size=6)
+    bce = -(b * np.log(_sigmoid(z[:, 0])) + (1 - b) * np.log(1 - _sigmoid(z[:, 0])))
+    np.testing.assert_allclose(
+        np.asarray(J.ordinal_cross_entropy(jnp.asarray(z), jnp.asarray(b))), bce, rtol=1e-12
+    )
+
+
+def test_gradients(x64):
+    rng = np.random.default_rng(1)
+    cum = jnp.asarray(rng.normal(size=(3, 4)))
+    y = jnp.asarray(rng.integers(0, 5, size=3))
+    check_grads(jax.jit(lambda v: ordinal.ordinal_cross_entropy(v, y)), (cum,), order=1)
+    check_grads(jax.jit(lambda v: ordinal.ordinal_softmax(v)), (cum,), order=1)
+
+
+def test_extreme_logits_and_bfloat16():
+    cum = jnp.array([[1e4, 0.0, -1e4], [-1e4, -1e4, -1e4], [1e4, 1e4, 1e4]])
+    y = jnp.array([0, 3, 0])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = cum.astype(dtype)
+        for out in (
+            J.ordinal_cross_entropy(x, y),
+            G.ordinal_cross_entropy(x, y),
+            J.ordinal_softmax(x),
+            G.ordinal_softmax(x),
+        ):
+            assert out.dtype == dtype
+            assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    # Row 0, y = 0: -(log(1 - sigmoid(1e4)) + log(1 - sigmoid(0)) + log(1 - sigmoid(-1e4)))
+    #   = 1e4 + log 2 + 0.
+    assert float(J.ordinal_cross_entropy(cum, y)[0]) == pytest.approx(1e4 + np.log(2), rel=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 4\)"):
+        ordinal.ordinal_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 4]))
+    with pytest.raises(ValueError, match=r"labels: expected shape \(2,\)"):
+        ordinal.ordinal_cross_entropy(jnp.zeros((2, 3)), jnp.array([0]))
+    with pytest.raises(ValueError, match=r"importance: expected shape \(3,\)"):
+        ordinal.ordinal_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 1]), importance=jnp.ones(2))
+    with pytest.raises(ValueError, match="cum_logits: expected at least one threshold"):
+        ordinal.ordinal_softmax(jnp.zeros((2, 0)))
+    with pytest.raises(ValueError, match="biases: expected shape"):
+        ordinal.coral_logits(jnp.zeros(2), jnp.zeros((2, 2)))
+    with pytest.raises(TypeError, match="biases: expected latent's dtype"):
+        ordinal.coral_logits(jnp.zeros(2), jnp.zeros(2, jnp.bfloat16))
+    with pytest.raises(ValueError, match="num_classes: expected an int >= 2"):
+        ordinal.ordinal_levels(jnp.array([0]), 1)
