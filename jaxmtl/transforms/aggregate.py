@@ -1,0 +1,453 @@
+"""Optax transforms over per-task gradients: ``optax.chain(upgrad(), optax.adam(1e-3))``.
+
+Every factory returns an ``optax.experimental.aggregating.Aggregator`` (an
+``optax.GradientTransformationExtraArgs``): ``update`` takes updates with a leading task axis
+K on every shared leaf (as ``jaxmtl.mtl.task_gradients`` returns them) and returns
+parameter-shaped updates; non-shared leaves (task heads) carry no task axis and pass through.
+``init(params)`` takes the parameters (no task axis). Every ``update`` accepts and ignores
+unknown ``**extra_args``; the loss-based methods read ``task_losses=`` (K,) from them.
+
+Most methods are a weighting (``jaxmtl.transforms.weighting``) composed with
+``weights @ J`` leaf by leaf: :func:`aggregate` does the composition, computing the Gramian
+``J J^T`` leaf by leaf only when the weighting needs it. GradDrop and DB-MTL are not
+weightings and have their own transforms here.
+
+Composition with optax wrappers:
+
+* ``jax.jit``: all of it; solvers have fixed iteration counts.
+* ``optax.inject_hyperparams(jaxmtl.transforms.cagrad)(c=0.5)``: float hyperparameters become
+  state; pass integer and structural ones (``num_tasks``, ``iterations``, ``shared``) through
+  ``static_args``.
+* ``optax.MultiSteps`` accumulates updates shaped like the parameters, so it wraps the part
+  of the chain after the aggregator: ``optax.chain(upgrad(), optax.MultiSteps(optax.adam(1e-3),
+  every_k_schedule=4))`` averages the aggregated directions of four micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax.experimental import aggregating
+
+from jaxmtl.mtl import gradients as mtl
+from jaxmtl.transforms import weighting as W
+
+__all__ = [
+    "DBMTLState",
+    "aggregate",
+    "aligned_mtl",
+    "cagrad",
+    "constant",
+    "db_mtl",
+    "dualproj",
+    "dwa",
+    "fairgrad",
+    "famo",
+    "gls",
+    "graddrop",
+    "gradvac",
+    "imtl_g",
+    "mean",
+    "mgda",
+    "mgda_ub",
+    "nash_mtl",
+    "pcgrad",
+    "rlw",
+    "stch",
+    "summed",
+    "uncertainty",
+    "upgrad",
+]
+
+Aggregator = aggregating.Aggregator
+
+
+def _shared_leaves(updates: Any, shared: Any) -> list[jax.Array]:
+    mask = mtl.shared_mask(updates, shared)
+    return [u for m, u in zip(jax.tree.leaves(mask), jax.tree.leaves(updates), strict=True) if m]
+
+
+def _leading_axis(updates: Any, shared: Any, name: str = "updates") -> int:
+    leaves = _shared_leaves(updates, shared)
+    if not leaves:
+        raise ValueError(f"{name}: expected at least one shared leaf with a leading task axis")
+    first = leaves[0]
+    if first.ndim == 0:
+        raise ValueError(f"{name}: expected a leading task axis, got a scalar leaf")
+    k = first.shape[0]
+    for leaf in leaves:
+        if leaf.ndim == 0 or leaf.shape[0] != k:
+            raise ValueError(
+                f"{name}: expected every shared leaf to have leading task axis {k}, "
+                f"got a leaf of shape {leaf.shape}"
+            )
+    return k
+
+
+def aggregate(
+    weighting: W.Weighting,
+    *,
+    shared: Any = None,
+    gramian_source: Literal["updates", "features"] = "updates",
+) -> Aggregator:
+    """The optax transform ``J -> w(J J^T) @ J`` of a weighting, leaf by leaf.
+
+    ``update(updates, state, params=None, **extra_args)``: ``updates`` has a leading task axis
+    K on every shared leaf; the Gramian is accumulated leaf by leaf in float32 (float64 for
+    float64 leaves), the weights come from ``weighting.weights(G, state, num_tasks=K,
+    **extra_args)``, and the output is ``sum_k w_k updates[k]`` per shared leaf (each leaf's
+    dtype), non-shared leaves unchanged.
+
+    Args:
+      weighting: a :class:`jaxmtl.transforms.weighting.Weighting`.
+      shared: which leaves carry the task axis (see ``jaxmtl.mtl.shared_mask``).
+      gramian_source: ``"updates"`` (the parameter form) or ``"features"``: the Gramian of
+        the extra argument ``feature_gradients`` (K, *z.shape), the gradients of the task
+        losses with respect to the shared representation (``jaxmtl.mtl.representation_
+        gradients``); with :func:`mgda` weighting this is MGDA-UB.
+
+    >>> tx = aggregate(W.mean())
+    >>> upd, _ = tx.update({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, tx.init({"w": jnp.zeros(2)}))
+    >>> upd["w"].tolist()
+    [2.0, 3.0]
+    """
+    if not isinstance(weighting, W.Weighting):
+        raise TypeError(f"weighting: expected a Weighting, got {type(weighting).__name__}")
+    if gramian_source not in ("updates", "features"):
+        raise ValueError(
+            f"gramian_source: expected 'updates' or 'features', got {gramian_source!r}"
+        )
+
+    def init_fn(params):
+        del params
+        return weighting.init()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        k = _leading_axis(updates, shared)
+        gramian = None
+        if weighting.needs_gramian:
+            if gramian_source == "features":
+                features = extra_args.pop("feature_gradients", None)
+                if features is None:
+                    raise ValueError(
+                        "feature_gradients: gramian_source='features' needs "
+                        "feature_gradients=(K, *z.shape) as an extra argument"
+                    )
+                gramian = mtl.gramian(features)
+                if gramian.shape[0] != k:
+                    raise ValueError(
+                        f"feature_gradients: expected leading task axis {k}, got {gramian.shape[0]}"
+                    )
+            else:
+                gramian = mtl.gramian(updates, shared)
+        extra_args.pop("num_tasks", None)
+        weights, state = weighting.weights(gramian, state, num_tasks=k, **extra_args)
+        return mtl.combine(weights, updates, shared), state
+
+    return Aggregator(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- weightings
+
+
+def mean(*, shared: Any = None) -> Aggregator:
+    """The mean of the task gradients (equal weighting), see ``weighting.mean``."""
+    return aggregate(W.mean(), shared=shared)
+
+
+def summed(*, shared: Any = None) -> Aggregator:
+    """The sum of the task gradients (the summed loss), see ``weighting.summed``."""
+    return aggregate(W.summed(), shared=shared)
+
+
+def constant(weights: Any, *, shared: Any = None) -> Aggregator:
+    """Fixed task weights (K,), see ``weighting.constant``."""
+    return aggregate(W.constant(weights), shared=shared)
+
+
+def rlw(*, seed: int = 0, shared: Any = None) -> Aggregator:
+    """Random loss weighting (Lin et al., TMLR 2022), see ``weighting.rlw``."""
+    return aggregate(W.rlw(seed=seed), shared=shared)
+
+
+def mgda(*, iterations: int | None = None, shared: Any = None) -> Aggregator:
+    """MGDA (Désidéri 2012; Sener & Koltun, NeurIPS 2018, Eq. 3), see ``weighting.mgda``.
+
+    >>> tx = mgda()
+    >>> j = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+    >>> [round(x, 3) for x in tx.update(j, tx.init(None))[0]["w"].tolist()]
+    [0.8, 0.4]
+    """
+    return aggregate(W.mgda(iterations=iterations), shared=shared)
+
+
+def mgda_ub(*, iterations: int | None = None, shared: Any = None) -> Aggregator:
+    """MGDA-UB: MGDA's weights from the Gramian of the representation gradients.
+
+    Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization" (NeurIPS 2018),
+    Sec. 3.3, Eq. 6: ``w = argmin_{w in simplex} ||sum_k w_k dL_k/dz||^2``, applied to the
+    parameter gradients. Needs ``feature_gradients=`` (K, *z.shape), e.g. the fourth output of
+    ``jaxmtl.mtl.representation_gradients``.
+    """
+    return aggregate(W.mgda(iterations=iterations), shared=shared, gramian_source="features")
+
+
+def upgrad(
+    *, pref_vector: Any = None, iterations: int | None = None, shared: Any = None
+) -> Aggregator:
+    """UPGrad (Quinton & Rey 2024, Eq. 5), see ``weighting.upgrad``.
+
+    >>> import optax
+    >>> tx = optax.chain(upgrad(), optax.sgd(1.0))
+    >>> j = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+    >>> [round(x, 3) for x in tx.update(j, tx.init({"w": jnp.zeros(2)}))[0]["w"].tolist()]
+    [-0.25, -0.75]
+    """
+    return aggregate(W.upgrad(pref_vector=pref_vector, iterations=iterations), shared=shared)
+
+
+def dualproj(
+    *, pref_vector: Any = None, iterations: int | None = None, shared: Any = None
+) -> Aggregator:
+    """DualProj (Quinton & Rey 2024, Sec. 5), see ``weighting.dualproj``."""
+    return aggregate(W.dualproj(pref_vector=pref_vector, iterations=iterations), shared=shared)
+
+
+def cagrad(
+    *, c: float = 0.4, rescale: bool = False, iterations: int = 100, shared: Any = None
+) -> Aggregator:
+    """CAGrad (Liu et al., NeurIPS 2021, Eqs. 3-4), see ``weighting.cagrad``."""
+    return aggregate(W.cagrad(c=c, rescale=rescale, iterations=iterations), shared=shared)
+
+
+def imtl_g(*, shared: Any = None) -> Aggregator:
+    """IMTL-G (Liu et al., ICLR 2021, Eq. 11), see ``weighting.imtl_g``."""
+    return aggregate(W.imtl_g(), shared=shared)
+
+
+def aligned_mtl(
+    *, pref_vector: Any = None, scale_mode: str = "min", shared: Any = None
+) -> Aggregator:
+    """Aligned-MTL (Senushkin et al., CVPR 2023, Eqs. 7-10), see ``weighting.aligned_mtl``."""
+    return aggregate(W.aligned_mtl(pref_vector=pref_vector, scale_mode=scale_mode), shared=shared)
+
+
+def fairgrad(*, alpha: float = 1.0, iterations: int = 25, shared: Any = None) -> Aggregator:
+    """FairGrad (Ban & Ji, ICML 2024, Eq. 9), see ``weighting.fairgrad``."""
+    return aggregate(W.fairgrad(alpha=alpha, iterations=iterations), shared=shared)
+
+
+def nash_mtl(*, iterations: int = 25, shared: Any = None) -> Aggregator:
+    """Nash-MTL (Navon et al., ICML 2022, Eq. 4), see ``weighting.nash_mtl``."""
+    return aggregate(W.nash_mtl(iterations=iterations), shared=shared)
+
+
+def pcgrad(*, seed: int = 0, shared: Any = None) -> Aggregator:
+    """PCGrad (Yu et al., NeurIPS 2020, Alg. 1) as an exact Gramian weighting, see
+    ``weighting.pcgrad``.
+
+    >>> tx = pcgrad()
+    >>> j = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+    >>> [round(x, 3) for x in tx.update(j, tx.init(None))[0]["w"].tolist()]
+    [0.5, 1.5]
+    """
+    return aggregate(W.pcgrad(seed=seed), shared=shared)
+
+
+def gradvac(*, num_tasks: int, beta: float = 0.01, seed: int = 0, shared: Any = None) -> Aggregator:
+    """Gradient Vaccine (Wang et al., ICLR 2021, Eqs. 2-4), see ``weighting.gradvac``."""
+    return aggregate(W.gradvac(num_tasks=num_tasks, beta=beta, seed=seed), shared=shared)
+
+
+def uncertainty(
+    *, num_tasks: int, optimizer: optax.GradientTransformation | None = None, shared: Any = None
+) -> Aggregator:
+    """Uncertainty weighting (Kendall et al., CVPR 2018, Eq. 7); needs ``task_losses=``."""
+    return aggregate(W.uncertainty(num_tasks=num_tasks, optimizer=optimizer), shared=shared)
+
+
+def dwa(*, num_tasks: int, temperature: float = 2.0, shared: Any = None) -> Aggregator:
+    """Dynamic weight average (Liu et al., CVPR 2019, Eq. 7); needs ``task_losses=``."""
+    return aggregate(W.dwa(num_tasks=num_tasks, temperature=temperature), shared=shared)
+
+
+def famo(
+    *,
+    num_tasks: int,
+    learning_rate: float = 0.025,
+    weight_decay: float = 1e-3,
+    min_losses: Any = 0.0,
+    shared: Any = None,
+) -> Aggregator:
+    """FAMO (Liu et al., NeurIPS 2023, Alg. 1); needs ``task_losses=``."""
+    return aggregate(
+        W.famo(
+            num_tasks=num_tasks,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            min_losses=min_losses,
+        ),
+        shared=shared,
+    )
+
+
+def gls(*, shared: Any = None) -> Aggregator:
+    """Geometric loss strategy (Chennupati et al., CVPRW 2019, Eq. 2); needs ``task_losses=``."""
+    return aggregate(W.gls(), shared=shared)
+
+
+def stch(
+    *, mu: float = 1.0, pref_vector: Any = None, ideal: Any = 0.0, shared: Any = None
+) -> Aggregator:
+    """Smooth Tchebycheff (Lin et al., ICML 2024, Eq. 10); needs ``task_losses=``."""
+    return aggregate(W.stch(mu=mu, pref_vector=pref_vector, ideal=ideal), shared=shared)
+
+
+# ----------------------------------------------------------------------------- not weightings
+
+
+def _check_leak(leak: Any) -> None:
+    try:
+        values = np.atleast_1d(np.asarray(leak, dtype=np.float64))
+    except TypeError:  # traced (inject_hyperparams under jit): checked at init instead
+        return
+    if values.size and (values.min() < 0.0 or values.max() > 1.0):
+        raise ValueError(f"leak: expected values in [0, 1], got {leak}")
+
+
+def graddrop(*, leak: Any = 0.0, seed: int = 0, shared: Any = None) -> Aggregator:
+    """GradDrop: keep, element by element, only the gradients of one randomly chosen sign.
+
+    Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
+    Dropout" (NeurIPS 2020), Eqs. 1-3, applied to each shared parameter element: the sign
+    purity ``P = (1 + sum_k g_k / sum_k |g_k|) / 2``, ``U ~ Uniform(0, 1)`` per element,
+    ``M_k = 1[P > U] 1[g_k > 0] + 1[P < U] 1[g_k < 0]``, and
+    ``d = sum_k (l_k + (1 - l_k) M_k) g_k`` with leak ``l`` (scalar or (K,), default 0). The
+    paper applies it to activation gradients; the per-parameter form is the common one
+    (LibMTL, torchjd). Not a weighting: the mask is elementwise.
+
+    >>> tx = graddrop()
+    >>> j = {"w": jnp.array([[1.0, -2.0], [3.0, -1.0]])}
+    >>> tx.update(j, tx.init(None))[0]["w"].tolist()
+    [4.0, -3.0]
+    """
+    _check_leak(leak)
+
+    def init_fn(params):
+        del params
+        return W.KeyState(jax.random.PRNGKey(seed))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        k = _leading_axis(updates, shared)
+        mask = mtl.shared_mask(updates, shared)
+        key, sub = jax.random.split(state.key)
+        leaves, treedef = jax.tree.flatten(updates)
+        flags = jax.tree.leaves(mask)
+        out = []
+        for index, (is_shared, g) in enumerate(zip(flags, leaves, strict=True)):
+            if not is_shared:
+                out.append(g)
+                continue
+            dtype = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
+            g32 = g.astype(dtype)
+            lk = jnp.broadcast_to(jnp.asarray(leak, dtype), (k,))
+            lk = lk.reshape((k,) + (1,) * (g.ndim - 1))
+            # Sums over the task axis as contractions: XLA:CPU reduces a leading axis with
+            # jnp.sum 20-50x slower than with a dot.
+            ones = jnp.ones((k,), dtype)
+            total = jnp.tensordot(ones, g32, axes=1)
+            magnitude = jnp.tensordot(ones, jnp.abs(g32), axes=1)
+            tiny = jnp.finfo(dtype).tiny
+            purity = 0.5 * (1.0 + total / jnp.where(magnitude > tiny, magnitude, 1.0))
+            u = jax.random.uniform(jax.random.fold_in(sub, index), g.shape[1:], dtype)
+            keep = ((purity > u) & (g32 > 0.0)) | ((purity < u) & (g32 < 0.0))
+            factor = lk + (1.0 - lk) * keep.astype(dtype)
+            out.append(jnp.tensordot(ones, factor * g32, axes=1).astype(g.dtype))
+        return jax.tree.unflatten(treedef, out), W.KeyState(key)
+
+    return Aggregator(init_fn, update_fn)
+
+
+class DBMTLState(NamedTuple):
+    """DB-MTL's step count and EMA of log-loss gradients (K axis on shared leaves)."""
+
+    count: jax.Array
+    buffer: Any
+
+
+def db_mtl(
+    *, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.5, shared: Any = None
+) -> Aggregator:
+    """DB-MTL: log-loss gradients, averaged over time, rescaled to the largest norm.
+
+    Lin et al., "Dual-Balancing for Multi-Task Learning" (2023), Eqs. 4-6 and Alg. 1:
+    ``h_k = grad log L_k = g_k / L_k``; ``m_k <- h_k + (beta / t^beta_sigma) (m_k - h_k)``;
+    ``d = sum_k (max_i ||m_i|| / ||m_k||) m_k``. Its state holds the K gradient EMAs (K times
+    the shared parameters). Needs ``task_losses=``; non-shared leaves pass through.
+
+    >>> tx = db_mtl(num_tasks=2)
+    >>> j = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}
+    >>> out, _ = tx.update(j, tx.init({"w": jnp.zeros(2)}), task_losses=jnp.array([2.0, 1.0]))
+    >>> [round(x, 3) for x in out["w"].tolist()]
+    [0.1, 0.1]
+    """
+    W._check_positive_int("num_tasks", num_tasks)
+    W._check_range("beta", beta, 0.0, 1.0)
+    W._check_range("beta_sigma", beta_sigma, 0.0)
+
+    def init_fn(params):
+        mask = mtl.shared_mask(params, shared)
+
+        def buffer(is_shared, p):
+            p = jnp.asarray(p)
+            dtype = jnp.float64 if p.dtype == jnp.float64 else jnp.float32
+            shape = (num_tasks, *p.shape) if is_shared else (0,)
+            return jnp.zeros(shape, dtype)
+
+        return DBMTLState(jnp.zeros([], jnp.int32), jax.tree.map(buffer, mask, params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        k = _leading_axis(updates, shared)
+        if k != num_tasks:
+            raise ValueError(f"updates: expected leading task axis {num_tasks}, got {k}")
+        losses = jax.lax.stop_gradient(W._task_losses(extra_args, num_tasks))
+        count = optax.safe_increment(state.count)
+        mask = mtl.shared_mask(updates, shared)
+        decay = jnp.asarray(beta, losses.dtype) / count.astype(losses.dtype) ** jnp.asarray(
+            beta_sigma, losses.dtype
+        )
+        tiny = jnp.finfo(losses.dtype).tiny
+        inv_losses = 1.0 / jnp.maximum(losses, tiny)
+
+        def ema(is_shared, g, m):
+            if not is_shared:
+                return m
+            h = g.astype(m.dtype) * inv_losses.astype(m.dtype).reshape((k,) + (1,) * (g.ndim - 1))
+            return h + decay.astype(m.dtype) * (m - h)
+
+        buffer = jax.tree.map(ema, mask, updates, state.buffer)
+        squares = [
+            jnp.sum(jnp.square(m.reshape(k, -1)), axis=1).astype(jnp.float32)
+            for f, m in zip(jax.tree.leaves(mask), jax.tree.leaves(buffer), strict=True)
+            if f
+        ]
+        norms = jnp.sqrt(sum(squares[1:], squares[0]))
+        # alpha_k = max_i ||m_i|| / ||m_k||; a zero m_k contributes nothing whatever alpha_k.
+        positive = norms > jnp.finfo(norms.dtype).tiny
+        alpha = jnp.where(positive, jnp.max(norms) / jnp.where(positive, norms, 1.0), 0.0)
+
+        def direction(is_shared, g, m):
+            if not is_shared:
+                return g
+            return jnp.tensordot(alpha.astype(m.dtype), m, axes=1).astype(g.dtype)
+
+        return jax.tree.map(direction, mask, updates, buffer), DBMTLState(count, buffer)
+
+    return Aggregator(init_fn, update_fn)
