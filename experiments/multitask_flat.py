@@ -747,7 +747,7 @@ def run(config: Config) -> dict:
             f.write(json.dumps({"key": list(key), "stamp": stamp, "result": cells[key]}) + "\n")
     for name, ds in loaded.items():
         ms = methods(effective, len(ds.num_classes))
-        results["datasets"][name] = summarize(cells, name, list(ds.task_names), ms, effective.seeds)
+        results["datasets"][name] = summarize(cells, name, list(ds.tasks), ms, effective.seeds)
     results["claims"] = claims(results, effective)
     seconds = time.perf_counter() - start
     results["seconds"] = seconds
