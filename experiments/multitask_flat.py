@@ -102,6 +102,7 @@ class Config:
     sharpness_steps: int = 5
     sharpness_samples: int = 512
     log_every: int = 100
+    mesh: str = ""  # e.g. "data=4": jaxmtl.parallel.make_mesh; batches split over "data"
 
     def effective(self) -> Config:
         """The configuration actually run (``smoke`` shrinks everything)."""
@@ -461,6 +462,7 @@ def run_cell(method: Method, dataset: Any, seed: int, config: Config, log) -> di
             seed=seed,
             log_every=config.log_every,
             progress=False,
+            mesh=config.mesh or None,
         )
     seconds = time.perf_counter() - start
     acc = accuracies(state.params, dataset.test)

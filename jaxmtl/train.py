@@ -308,6 +308,7 @@ def fit(
     log_every: int = 50,
     progress: bool = True,
     check_finite: bool = True,
+    mesh: Any = None,
 ) -> tuple[TrainState, list[dict]]:
     """Trains until ``state.step == steps``; resumable, deterministic.
 
@@ -336,6 +337,12 @@ def fit(
         checkpoints, evals and the end.
       progress: show a tqdm bar on a terminal, plain lines on stderr otherwise.
       check_finite: stop on a non-finite metric or state (see below).
+      mesh: a ``jax.sharding.Mesh`` (or a ``jaxmtl.parallel.make_mesh`` description such as
+        ``"data=4,task=2"``): every batch is split over its ``data`` axis
+        (``jaxmtl.parallel.shard_batch``; ``batch_size`` must be divisible by its size), the
+        state is replicated, and the jitted step keeps its outputs replicated. The step is the
+        one-device ``step_fn``: XLA computes every task's gradient over the whole batch before
+        the aggregator. ``None``: no placement (one device).
 
     Returns:
       ``(state, history)``. ``history`` is a list of dicts, each with ``"step"`` (updates done),
@@ -377,6 +384,15 @@ def fit(
         raise ValueError(f"train_data arrays must share their first axis, got sizes {sizes}")
     if batch_size > num_examples:
         raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+    if mesh is not None:
+        from jaxmtl import parallel
+
+        mesh = parallel.make_mesh(mesh)
+        shards = int(dict(mesh.shape).get("data", 1))
+        if batch_size % shards:
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by the mesh's 'data' axis size {shards}"
+            )
 
     run_path = None if run_dir is None else Path(run_dir)
     ckpt = None
@@ -401,6 +417,7 @@ def fit(
             log_every=log_every,
             progress=progress,
             check_finite=check_finite,
+            mesh=mesh,
         )
     finally:
         if ckpt is not None:
@@ -425,7 +442,16 @@ def _fit(
     log_every,
     progress,
     check_finite,
+    mesh=None,
 ):
+    if mesh is not None:
+        from jaxmtl import parallel
+
+        unsharded_batch_at = batch_at
+
+        def batch_at(*args, **kwargs):
+            return parallel.shard_batch(unsharded_batch_at(*args, **kwargs), mesh)
+
     identity = {"seed": seed, "batch_size": batch_size, "num_examples": num_examples}
     restored = None if ckpt is None else ckpt.latest_step()
     if restored is not None:
@@ -446,6 +472,8 @@ def _fit(
     else:
         # A private copy, donated to the jitted step: the caller's arrays stay valid.
         state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
     start = int(state.step)
     if start > steps:
         raise ValueError(f"state.step={start} is beyond steps={steps}")
@@ -480,7 +508,8 @@ def _fit(
         raise TypeError("step_fn must return (state, metrics) with metrics a dict keyed by str")
     float_names = [k for k, s in metric_shapes.items() if jnp.issubdtype(s.dtype, jnp.floating)]
     window = _empty_window(metric_shapes)
-    train_step = jax.jit(_windowed(step_fn, float_names), donate_argnums=(0, 2))
+    placement = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+    train_step = jax.jit(_windowed(step_fn, float_names), donate_argnums=(0, 2), **placement)
 
     def check_window(done: int) -> None:
         first_bad, bad = jax.device_get((window.first_bad, window.bad))
