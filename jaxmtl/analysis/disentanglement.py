@@ -157,8 +157,9 @@ def nonlinear_advantage(acc_linear: Any, acc_nonlinear: Any, num_classes: Any) -
 
     Ortiz-Jimenez et al., NeurIPS 2023, Sec. 6 (code ``eval.py``):
     ``(err_lin - err_nonlin) * K / (K - 1)`` with ``err = 1 - acc`` and ``K`` classes, i.e.
-    the accuracy gap divided by that of a perfect over a chance-level classifier; in
-    ``[-1, 1]``, positive when the non-linear model fits the task better.
+    the accuracy gap divided by that of a perfect over a chance-level classifier: 1 for a
+    perfect non-linear model over a chance-level linear one, within ``[-K/(K-1), K/(K-1)]``
+    for arbitrary accuracies, positive when the non-linear model fits the task better.
 
     Args:
       acc_linear, acc_nonlinear: accuracies in ``[0, 1]`` (scalars or matching arrays).
