@@ -437,8 +437,8 @@ def aligned_mtl(*, pref_vector: Any = None, scale_mode: str = "min") -> Weightin
     ``d = (sigma U V^T)^T p``. From ``G = V L V^T`` on its range,
     ``w = sigma V L^(-1/2) V^T p`` with ``sigma = sqrt(lambda_min)`` (``scale_mode="min"``),
     ``sqrt(median lambda)`` ("median") or ``sqrt(mean lambda)`` ("rmse"); eigenvalues below
-    ``10 lambda_max K eps`` are treated as 0 (a safety factor over LAPACK's own rank tolerance). ``pref_vector`` defaults to ones (the authors'
-    code sums the aligned gradients).
+    ``10 lambda_max K eps`` are treated as 0 (ten times the usual rank tolerance, for
+    safety). ``pref_vector`` defaults to ones (the authors' code sums the aligned gradients).
 
     >>> w, _ = aligned_mtl().weights(jnp.array([[1.0, 0.0], [0.0, 4.0]]), ())
     >>> [round(x, 4) for x in w.tolist()]
