@@ -12,11 +12,15 @@ can replace the default without touching the model. Two calling conventions, bot
   ``lambda q, k, v, *, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal)``.
 
 Both must scale the logits by ``1 / sqrt(head_dim)``. The default for both is
-:func:`dot_product_attention`.
+:func:`dot_product_attention`. Instead of a function, every module also takes
+``attention="flash"`` (or another name in :data:`ATTENTIONS`) to use
+:func:`kernels.attention.flash_attention` with the implementation of that name; see
+:func:`attention_function`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +32,12 @@ from jaxmtl.models import _checks
 from jaxmtl.models.mlp import MLP
 
 __all__ = [
+    "ATTENTIONS",
     "CausalTransformer",
     "SelfAttention",
     "TransformerBlock",
     "ViT",
+    "attention_function",
     "dot_product_attention",
 ]
 
@@ -66,6 +72,53 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
+# name -> (flash_attention implementation, interpret); "default" is dot_product_attention.
+_FLASH = {
+    "flash": ("auto", None),
+    "flash-pallas": ("pallas", None),
+    "flash-interpret": ("pallas", True),
+    "flash-xla": ("xla", None),
+    "flash-reference": ("reference", None),
+}
+ATTENTIONS = ("default", *_FLASH)
+
+
+def attention_function(name: str) -> AttentionFn:
+    """The attention function called ``name``, in both calling conventions of this module.
+
+    ``"default"`` is :func:`dot_product_attention`; ``"flash"`` is
+    :func:`kernels.attention.flash_attention` with ``implementation="auto"`` (the Pallas
+    kernels on GPU/TPU, the reference elsewhere), and ``"flash-pallas"``,
+    ``"flash-interpret"`` (the kernels in interpret mode, any host), ``"flash-xla"``,
+    ``"flash-reference"`` pick that implementation.
+
+    >>> attention_function("flash-reference").keywords["implementation"]
+    'reference'
+    """
+    if name == "default":
+        return dot_product_attention
+    if name not in _FLASH:
+        raise ValueError(f"attention: expected one of {ATTENTIONS}, got {name!r}")
+    from kernels.attention import flash_attention  # the kernels load only when asked for
+
+    implementation, interpret = _FLASH[name]
+    return functools.partial(flash_attention, implementation=implementation, interpret=interpret)
+
+
+def _resolve_attention(attention: Any, attention_fn: Any) -> AttentionFn | None:
+    """``attention_fn`` if given (then ``attention`` must stay "default"), else by name."""
+    _check_attention_fn(attention_fn)
+    if not isinstance(attention, str):
+        raise TypeError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+    if attention_fn is not None:
+        if attention != "default":
+            raise ValueError(
+                f"attention: expected 'default' when attention_fn is given, got {attention!r}"
+            )
+        return attention_fn
+    return None if attention == "default" else attention_function(attention)
+
+
 def _dim_and_heads(dim: Any, heads: Any) -> tuple[int, int]:
     dim = _checks.positive_int("dim", dim)
     heads = _checks.positive_int("heads", heads)
@@ -98,6 +151,8 @@ class SelfAttention(nnx.Module):
       causal: call ``attention_fn(q, k, v, causal=True)`` instead of ``attention_fn(q, k, v)``
         (see the module docstring for both conventions).
       attention_fn: ``None`` for :func:`dot_product_attention`.
+      attention: a name from :data:`ATTENTIONS` (e.g. ``"flash"``), used when
+        ``attention_fn`` is None (see :func:`attention_function`).
       dtype, param_dtype, rngs: as in :class:`jaxmtl.models.MLP`.
 
     Shapes: ``(batch, seq, dim) -> (batch, seq, dim)``.
@@ -114,12 +169,13 @@ class SelfAttention(nnx.Module):
         *,
         causal: bool = False,
         attention_fn: AttentionFn | None = None,
+        attention: str = "default",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         dim, heads = _dim_and_heads(dim, heads)
-        _check_attention_fn(attention_fn)
+        attention_fn = _resolve_attention(attention, attention_fn)
         self.dtype, self.param_dtype = _checks.compute_dtypes(dtype, param_dtype)
         self.dim = dim
         self.heads = heads
@@ -158,7 +214,7 @@ class TransformerBlock(nnx.Module):
     the MLP is ``Linear(dim, mlp_dim) -> GELU -> Linear(mlp_dim, dim)``.
 
     Args:
-      dim, heads, causal, attention_fn: as in :class:`SelfAttention`.
+      dim, heads, causal, attention_fn, attention: as in :class:`SelfAttention`.
       mlp_dim: hidden width of the MLP.
       dtype, param_dtype, rngs: as in :class:`jaxmtl.models.MLP`.
 
@@ -173,6 +229,7 @@ class TransformerBlock(nnx.Module):
         *,
         causal: bool = False,
         attention_fn: AttentionFn | None = None,
+        attention: str = "default",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -182,7 +239,11 @@ class TransformerBlock(nnx.Module):
         kinds = {"dtype": self.dtype, "param_dtype": self.param_dtype, "rngs": rngs}
         norm_kinds = {"dtype": _checks.norm_dtype(self.dtype), "param_dtype": self.param_dtype}
         self.attention = SelfAttention(
-            dim, heads, causal=causal, attention_fn=attention_fn, **kinds
+            dim,
+            heads,
+            causal=causal,
+            attention_fn=_resolve_attention(attention, attention_fn),
+            **kinds,
         )
         self.attention_norm = nnx.LayerNorm(dim, **norm_kinds, rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(dim, **norm_kinds, rngs=rngs)
@@ -228,6 +289,7 @@ class ViT(nnx.Module):
       pool: ``"mean"`` or ``"cls"``.
       attention_fn: ``attention_fn(q, k, v) -> out``, all ``(batch, seq, heads, head_dim)``;
         ``None`` for :func:`dot_product_attention`.
+      attention: as in :class:`SelfAttention`: ``"flash"`` etc. when ``attention_fn`` is None.
       dtype, param_dtype, rngs: as in :class:`jaxmtl.models.MLP`.
 
     Shapes: ``(N, H, W, in_channels) -> (N, out_features)`` in ``dtype``.
@@ -251,6 +313,7 @@ class ViT(nnx.Module):
         *,
         pool: str = "mean",
         attention_fn: AttentionFn | None = None,
+        attention: str = "default",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -267,7 +330,7 @@ class ViT(nnx.Module):
         in_channels = _checks.positive_int("in_channels", in_channels)
         dim, heads = _dim_and_heads(dim, heads)
         mlp_dim = _checks.positive_int("mlp_dim", mlp_dim)
-        _check_attention_fn(attention_fn)
+        attention_fn = _resolve_attention(attention, attention_fn)
         depth = _checks.positive_int("depth", depth)
         out_features = _checks.positive_int("out_features", out_features)
         self.dtype, self.param_dtype = _checks.compute_dtypes(dtype, param_dtype)
@@ -340,6 +403,7 @@ class CausalTransformer(nnx.Module):
       max_len: longest sequence (number of learned positions).
       attention_fn: ``attention_fn(q, k, v, *, causal) -> out``; ``None`` for
         :func:`dot_product_attention`.
+      attention: as in :class:`SelfAttention`: ``"flash"`` etc. when ``attention_fn`` is None.
       dtype, param_dtype, rngs: as in :class:`jaxmtl.models.MLP`.
 
     Shapes: integer tokens ``(batch, T)`` in ``[0, vocab)`` with ``T <= max_len`` -> logits
@@ -362,6 +426,7 @@ class CausalTransformer(nnx.Module):
         max_len: int,
         *,
         attention_fn: AttentionFn | None = None,
+        attention: str = "default",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -369,7 +434,7 @@ class CausalTransformer(nnx.Module):
         vocab = _checks.positive_int("vocab", vocab)
         dim, heads = _dim_and_heads(dim, heads)
         mlp_dim = _checks.positive_int("mlp_dim", mlp_dim)
-        _check_attention_fn(attention_fn)
+        attention_fn = _resolve_attention(attention, attention_fn)
         depth = _checks.positive_int("depth", depth)
         max_len = _checks.positive_int("max_len", max_len)
         self.dtype, self.param_dtype = _checks.compute_dtypes(dtype, param_dtype)

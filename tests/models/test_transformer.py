@@ -168,3 +168,29 @@ def test_causal_gradient_of_position_t_is_zero_for_later_embeddings():
     ]
     assert bool(jnp.all(rows[2:] == 0.0))
     assert bool(jnp.all(jnp.any(rows[:2] != 0.0, axis=-1)))
+
+
+@pytest.mark.parametrize("attention", ["flash-interpret", "flash-reference", "flash"])
+def test_flash_attention_path_equals_default(attention):
+    x = normal((2, tiny.IMAGE, tiny.IMAGE, tiny.CHANNELS), seed=7)
+    np.testing.assert_allclose(
+        tiny.vit(attention=attention)(x), tiny_vit()(x), rtol=1e-5, atol=1e-5
+    )
+    tokens = random_tokens(seed=8)
+    np.testing.assert_allclose(
+        tiny.lm(attention=attention)(tokens), tiny_lm()(tokens), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_flash_attention_fn_equals_default_and_names_are_checked():
+    import functools
+
+    from kernels.attention import flash_attention
+
+    tokens = random_tokens(seed=9)
+    flash = functools.partial(flash_attention, implementation="pallas", interpret=True)
+    np.testing.assert_allclose(tiny_lm(flash)(tokens), tiny_lm()(tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        tiny.lm(attention="fast")
+    with pytest.raises(ValueError, match="attention"):
+        tiny.lm(attention="flash", attention_fn=flash)
