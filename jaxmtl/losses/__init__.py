@@ -13,7 +13,8 @@ One family a file; each function's docstring names its paper and equation.
 * ``distillation``: dual-head knowledge distillation.
 
 Set-level losses (AnyLoss, pair- and prototype-based metric losses) return one value per
-batch and say so.
+batch and say so. The AnyLoss function itself is ``jaxmtl.losses.anyloss.anyloss``: its name
+is the module's, so the package does not re-export it.
 """
 
 from jaxmtl.losses.anyloss import (
@@ -21,7 +22,6 @@ from jaxmtl.losses.anyloss import (
     ConfusionMatrix,
     accuracy,
     amplify,
-    anyloss,
     anyloss_from_logits,
     balanced_accuracy,
     f1,
@@ -102,21 +102,36 @@ from jaxmtl.losses.ordinal import (
     ordinal_predict,
     ordinal_softmax,
 )
+from jaxmtl.losses.spherical_output import (
+    FactoredOutputState,
+    FactoredStep,
+    FactoredZLossSGD,
+    centred_output_statistics,
+    factored_gram,
+    factored_logits,
+    factored_output_matrix,
+    factored_unfactorize,
+    factored_z_loss_sgd,
+    gram_z_loss,
+)
 
 __all__ = [
     "METRICS",
     "MS_SSIM_WEIGHTS",
     "ConfusionMatrix",
+    "FactoredOutputState",
+    "FactoredStep",
+    "FactoredZLossSGD",
     "SphericalStatistics",
     "TargetZScore",
     "accuracy",
     "adversarial_comp_sum_loss",
     "amplify",
-    "anyloss",
     "anyloss_from_logits",
     "balanced_accuracy",
     "binary_kl",
     "binary_kl_norm",
+    "centred_output_statistics",
     "class_prototypes",
     "comp_sum_loss",
     "coral_logits",
@@ -126,9 +141,15 @@ __all__ = [
     "dhkd_loss",
     "f1",
     "f_beta",
+    "factored_gram",
+    "factored_logits",
+    "factored_output_matrix",
+    "factored_unfactorize",
+    "factored_z_loss_sgd",
     "g_mean",
     "gaussian_window",
     "generalized_cross_entropy",
+    "gram_z_loss",
     "hard_info_nce",
     "icnn_loss",
     "icnn_score",
