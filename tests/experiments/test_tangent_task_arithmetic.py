@@ -1,0 +1,103 @@
+"""Smoke test of experiments.tangent_task_arithmetic: end to end in seconds, robust facts only."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+
+from experiments import tangent_task_arithmetic as tta
+
+
+def _one(root, name):
+    found = sorted(root.rglob(name))
+    assert found, f"{name} not written under {root}"
+    return found[0]
+
+
+def _in_unit(values):
+    return all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
+
+
+def test_common_format():
+    signals = np.linspace(0.0, 1.0, 2 * 40, dtype=np.float32).reshape(2, 40)
+    images = tta.to_common_format(signals, 16)
+    assert images.shape == (2, 16, 16) and images.dtype == np.float32
+    # the raster keeps the signal: first and last samples survive the resampling
+    assert images[0, 0, 0] == signals[0, 0] and images[1, -1, -1] == signals[1, -1]
+    small = np.random.default_rng(0).random((3, 8, 8, 3), dtype=np.float32)
+    gray = tta.to_common_format(small, 16)
+    assert gray.shape == (3, 16, 16) and 0.0 <= gray.min() and gray.max() <= 1.0
+
+
+def test_prepare_tasks_splits():
+    config = tta.Config(
+        smoke=True, tasks=("digits", "shapes:shape"), pretrain_tasks=("shapes:scale",)
+    ).effective()
+    (digits, shape), (scale,) = tta.prepare_tasks(config)
+    # a source used only for evaluation fine-tunes on its whole training split ...
+    assert len(digits.pretrain["y"]) == 0 and len(digits.train["y"]) > 0
+    # ... one used for pre-training is cut: the two shares never hold the same image
+    assert len(scale.pretrain["y"]) > 0 and len(shape.pretrain["y"]) == len(scale.pretrain["y"])
+    seen = {row.tobytes() for row in scale.pretrain["x"]}
+    assert not any(row.tobytes() in seen for row in shape.train["x"])
+    for task in (digits, shape):
+        assert task.validation["x"].shape == (config.eval_examples, 16, 16)
+        assert task.test["x"].shape == (config.eval_examples, 16, 16)
+        assert task.train["y"].max() < task.num_classes
+
+
+def test_tangent_task_arithmetic_smoke(tmp_path):
+    config = tta.Config(smoke=True, out_dir=str(tmp_path / "tta"))
+    results = tta.run(config)
+
+    for name in ("config.json", "metrics.jsonl", "results.json", "summary.md"):
+        assert _one(tmp_path, name).stat().st_size > 0
+    for name in ("alpha_curves.png", "disentanglement.png"):
+        assert _one(tmp_path, name).stat().st_size > 0
+    stored = json.loads(_one(tmp_path, "results.json").read_text())
+    expected = {"tasks", "single", "addition", "negation", "disentanglement", "atlas", "claims"}
+    assert set(stored) >= expected
+
+    effective = config.effective()
+    num_seeds, num_tasks = len(effective.seeds), len(effective.tasks)
+    assert results["tasks"] == list(effective.tasks)
+    for method in ("pretrained", "nonlinear", "linear", "posthoc"):
+        row = results["single"][method]
+        assert len(row["per_task"]) == num_seeds and _in_unit(row["per_task"]), method
+        assert set(row["tasks"]) == set(effective.tasks)
+    for method in ("nonlinear", "linear", "posthoc"):
+        add = results["addition"][method]
+        assert _in_unit(add["absolute"] + add["absolute_alpha_one"]), method
+        assert all(math.isfinite(v) and v >= 0.0 for v in add["normalized"]), method
+        lo, hi, _ = effective.addition_alphas
+        assert all(lo <= a <= hi for a in add["alpha"])
+        neg = results["negation"][method]
+        assert _in_unit(neg["target"] + neg["control"] + neg["pretrained_control"]), method
+        assert all(0 <= k <= num_tasks for k in neg["control_kept"])
+        dis = results["disentanglement"][method]
+        # xi sums two disagreement rates: in [0, 2]
+        assert all(math.isfinite(v) and 0.0 <= v <= 2.0 for v in dis["mean"]), method
+        size = effective.disentangle_alphas[2]
+        for grid in dis["mean_grids"].values():
+            assert np.asarray(grid).shape == (size, size)
+    # alpha = 0 is theta_0 for every method: the curves start at the pre-trained accuracy
+    seed0 = results["per_seed"][0]
+    pretrained = np.mean(seed0["single"]["pretrained"]["validation"])
+    for method in ("nonlinear", "linear", "posthoc"):
+        assert math.isclose(
+            seed0["addition"][method]["curve_absolute"][0], pretrained, abs_tol=1e-6
+        )
+    for method in ("nonlinear", "linear"):
+        assert _in_unit(results["atlas"][method]["absolute"]), method
+    assert all(math.isfinite(v) for v in results["nonlinear_advantage"])
+    assert all(isinstance(c, str) and c for c in results["claims"])
+    summary = _one(tmp_path, "summary.md").read_text()
+    assert "| task |" in summary and "| method |" in summary and "## Paper claims" in summary
+
+    # Resuming the finished run finds every cell stored: nothing is fine-tuned again.
+    lines = _one(tmp_path, "metrics.jsonl").read_text().splitlines()
+    again = tta.run(dataclasses.replace(config, resume="latest"))
+    assert _one(tmp_path, "metrics.jsonl").read_text().splitlines() == lines
+    assert again["per_seed"] == json.loads(json.dumps(results["per_seed"]))
+    assert again["addition"] == json.loads(json.dumps(results["addition"]))
