@@ -1,8 +1,8 @@
 """One training step of a D-way output layer: dense softmax CE vs Z-loss (dense, Gram, factored).
 
-The layer ``o = W h`` with ``W`` (D, d) on a batch of N = 512 features ``h`` (N, d) with
-integer labels; one step = forward, backward (gradients w.r.t. ``W`` and ``h``, the latter
-for a trunk) and an SGD update of ``W``:
+The layer ``o = W h`` with ``W`` (D, d) on a batch of N = 512 (``--batch``) features ``h``
+(N, d) with integer labels; one step = forward, backward (gradients w.r.t. ``W`` and ``h``,
+the latter for a trunk) and an SGD update of ``W``:
 
 * dense softmax CE -- ``optax.losses.softmax_cross_entropy_with_integer_labels`` on the
   (N, D) logits, ``jax.value_and_grad``; O(N D d);
@@ -23,9 +23,11 @@ other processes); the factored steps of all sizes are timed in interleaved round
 the flatness in D is not an artefact of the load on a shared CPU changing over the run.
 
     python -m benchmarks.zloss [--quick] [--repeats 100] [--budget 1.0] [--rounds 20]
-        [--burst 5] [--out PATH]
+        [--burst 5] [--batch N] [--log2-classes 12 17] [--dims 128] [--out PATH]
 
-writes ``benchmarks/results/zloss.json`` (``zloss_quick.json`` with ``--quick``).
+writes ``benchmarks/results/zloss.json`` (``zloss_quick.json`` with ``--quick``,
+``zloss_n<N>.json`` with a custom grid, e.g. the Gram path's growing advantage at
+``--batch 4096 --log2-classes 12 17 --dims 128``).
 """
 
 from __future__ import annotations
@@ -115,12 +117,12 @@ def _time_steps(
     return statistics.median(times), min(times)
 
 
-def _problem(log2_classes: int, dim: int):
+def _problem(log2_classes: int, dim: int, batch: int = BATCH):
     """Features, labels and a maker of fresh (D, d) weights for one size."""
     num_classes = 2**log2_classes
     kw, kh, ky = jax.random.split(jax.random.key(log2_classes * 1000 + dim), 3)
-    h = jax.random.normal(kh, (BATCH, dim), jnp.float32)
-    labels = jax.random.randint(ky, (BATCH,), 0, num_classes, jnp.int32)
+    h = jax.random.normal(kh, (batch, dim), jnp.float32)
+    labels = jax.random.randint(ky, (batch,), 0, num_classes, jnp.int32)
 
     def fresh_w():
         return jax.random.normal(kw, (num_classes, dim), jnp.float32) / np.sqrt(dim)
@@ -140,9 +142,11 @@ def _row(num_classes, dim, method, seconds, fastest, flops, peak) -> dict:
     }
 
 
-def measure_dense(log2_classes: int, dim: int, repeats: int, budget: float) -> list[dict]:
+def measure_dense(
+    log2_classes: int, dim: int, repeats: int, budget: float, batch: int = BATCH
+) -> list[dict]:
     """Dense softmax CE, dense Z-loss and the Gram path at one size."""
-    h, labels, fresh_w = _problem(log2_classes, dim)
+    h, labels, fresh_w = _problem(log2_classes, dim, batch)
     cases = {
         "dense softmax CE": _dense_step(_softmax_ce),
         "dense Z-loss": _dense_step(_dense_z),
@@ -158,13 +162,15 @@ def measure_dense(log2_classes: int, dim: int, repeats: int, budget: float) -> l
     return rows
 
 
-def measure_factored(log2s: tuple[int, ...], dim: int, rounds: int, burst: int) -> list[dict]:
+def measure_factored(
+    log2s: tuple[int, ...], dim: int, rounds: int, burst: int, batch: int = BATCH
+) -> list[dict]:
     """The factored step at every D, timed in interleaved rounds (``burst`` steps at each D
     per round) so that every D sees the same load from other processes on a shared CPU."""
     init, step = _factored_step()
     cases = []
     for log2_classes in log2s:
-        h, labels, fresh_w = _problem(log2_classes, dim)
+        h, labels, fresh_w = _problem(log2_classes, dim, batch)
         state = jax.jit(init)(fresh_w())
         compiled, flops, peak = _compile(step, state, h, labels)
         state = compiled(state, h, labels)[0]  # warm-up
@@ -232,15 +238,25 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per case (min 3 steps)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved factored rounds")
     parser.add_argument("--burst", type=int, default=5, help="factored steps per D per round")
+    parser.add_argument("--batch", type=int, default=BATCH, help="N, features per step")
+    parser.add_argument(
+        "--log2-classes", type=int, nargs="+", default=None, help="override the D grid"
+    )
+    parser.add_argument("--dims", type=int, nargs="+", default=None, help="override d")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.log2_classes:
+        sizes["log2_classes"] = tuple(args.log2_classes)
+    if args.dims:
+        sizes["dims"] = tuple(args.dims)
+    custom = args.batch != BATCH or args.log2_classes or args.dims
     start = time.perf_counter()
     rows = []
     for dim in sizes["dims"]:
-        factored = measure_factored(sizes["log2_classes"], dim, args.rounds, args.burst)
+        factored = measure_factored(sizes["log2_classes"], dim, args.rounds, args.burst, args.batch)
         for log2_classes, row in zip(sizes["log2_classes"], factored, strict=True):
-            dense = measure_dense(log2_classes, dim, args.repeats, args.budget)
+            dense = measure_dense(log2_classes, dim, args.repeats, args.budget, args.batch)
             rows += with_ratios([*dense, row])
             print(format_table(rows[-4:], ["D", "d", "method", "ms", "ratio"]), flush=True)
     columns = ["D", "d", "method", "ms", "ratio", "min ratio", "GFLOP", "flop ratio", "peak MB"]
@@ -251,12 +267,15 @@ def main() -> None:
         print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}")
     seconds = time.perf_counter() - start
     print(f"total {seconds:.0f} s")
-    # A quick run does not overwrite the full run's results.json.
+    # A quick or custom run does not overwrite the full run's results.
+    name = "zloss_quick" if args.quick else "zloss"
+    if custom:
+        name = f"zloss_n{args.batch}"
     path = write_json(
-        "zloss_quick" if args.quick else "zloss",
+        name,
         rows,
         args.out,
-        batch=BATCH,
+        batch=args.batch,
         quick=args.quick,
         targets=checks,
         seconds=round(seconds, 1),
