@@ -14,6 +14,22 @@ Set-up (everything offline, from ``jaxmtl.data``):
   "orientation": same inputs, different labels) and the left digit of two overlapping
   digits (``multi_digits``). Every input is brought to one format, 16x16 grayscale in
   [0, 1] (:func:`to_common_format`).
+* Real benchmarks, for users who have prepared them (``--data tfds``): the standard
+  task-arithmetic eight of Ilharco et al. (ICLR 2023), Cars, DTD, EuroSAT, GTSRB, MNIST,
+  RESISC45, SUN397 and SVHN, as far as tensorflow-datasets provides them: ``cars196``,
+  ``dtd``, ``eurosat/rgb``, ``mnist``, ``resisc45``, ``sun397``, ``svhn_cropped``
+  (``--tfds-names``). GTSRB is not in the tfds catalog, so the suite has seven tasks here.
+  They are read from prepared ArrayRecord copies (``jaxmtl.data.load_tfds``, under
+  ``--tfds-dir`` or tfds' default folder; nothing is downloaded), resized to
+  ``image_size`` when read and brought to the same common format (grayscale; ``--rgb``
+  keeps the three channels). Splits: :data:`jaxmtl.data.tfds.TFDS_SPLITS` (EuroSAT and
+  RESISC45 have one split: its last 20% is the test split), a validation split carved out
+  of train (10%) where the set has none; pre-training takes the same
+  ``pretrain_fraction`` of the training split as the offline path, so it never sees a
+  test (or validation) image. A set that is not prepared fails before anything is loaded
+  or trained, with :class:`jaxmtl.data.DataNotPreparedError` saying how to prepare it.
+  ``--tfds-limit N`` reads at most N examples per split (a quick look; smoke mode reads at
+  most 500).
 * Pre-training: theta_0 (a backbone from ``jaxmtl.models``, an MLP by default, the CNN with
   ``--backbone cnn``) is trained multi-task, one head per task (then discarded), on a
   pre-training share of each source's training split (``pretrain_fraction``, 30%): the
@@ -47,7 +63,8 @@ Reported, in the paper's format (test accuracy in %, mean ± std over seeds):
   validation sets) against the isotropic alpha, for non-linear and linearized vectors.
 
 Run: ``python -m experiments.tangent_task_arithmetic`` (default, minutes on 2 CPU cores),
-``--smoke`` (seconds), ``--seeds 0 1 2 3 4`` for more seeds. Writes under
+``--smoke`` (seconds), ``--seeds 0 1 2 3 4`` for more seeds, ``--data tfds`` (optionally
+``--tfds-dir DIR --tfds-limit 5000 --image-size 32 --rgb``) for the real benchmarks. Writes under
 ``runs/tangent_task_arithmetic/<timestamp>/``: config.json, metrics.jsonl, results.json,
 summary.md, alpha_curves.png, disentanglement.png. Fine-tuned task vectors are stored as
 checkpoints (``vectors/``) and each seed's evaluation as JSON (``seeds/``); ``--resume
@@ -94,6 +111,10 @@ LABELS = {
 }
 ATLAS_METHODS = ("nonlinear", "linear")
 _MASKED = -1e9  # bias of a padded (absent) class: never predicted, zero probability
+# The standard task-arithmetic eight (Ilharco et al.) as far as tfds has them: cars196, dtd,
+# eurosat/rgb, mnist, resisc45, sun397, svhn_cropped; GTSRB is not in the tfds catalog.
+# jaxmtl.data.TASK_ARITHMETIC less its two extras.
+TFDS_TASKS = tuple(n for n in jdata.TASK_ARITHMETIC if n not in ("fashion_mnist", "cifar10"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +137,16 @@ class Config:
     # pre-training tasks; () = the evaluated tasks themselves (on a disjoint share of data)
     pretrain_tasks: tuple[str, ...] = ()
     image_size: int = 16  # the common input format: image_size x image_size grayscale
+    rgb: bool = False  # keep three channels (offline sources are gray: copied channels)
+    # "offline" (jaxmtl.data's bundled and procedural sources: ``tasks``) or "tfds" (the
+    # prepared tfds sets ``tfds_names``, which then replace ``tasks``)
+    data: str = "offline"
+    # the standard task-arithmetic eight as far as tfds has them (GTSRB is not in it)
+    tfds_names: tuple[str, ...] = TFDS_TASKS
+    tfds_dir: str | None = None  # the tfds data folder (None: $TFDS_DATA_DIR or tfds' own)
+    # read at most this many examples per split (>= 10 x eval_examples where validation is
+    # carved out of train)
+    tfds_limit: int | None = None
     backbone: str = "mlp"  # "mlp" or "cnn" (jaxmtl.models)
     hidden: tuple[int, ...] = (512, 512)  # MLP hidden widths / CNN channels
     features: int = 128  # backbone output width (the heads' input)
@@ -152,6 +183,17 @@ class Config:
             if isinstance(getattr(self, f.name), list)
         }
         config = dataclasses.replace(self, **lists)
+        if config.data not in ("offline", "tfds"):
+            raise ValueError(f"data: expected 'offline' or 'tfds', got {config.data!r}")
+        if config.data == "tfds":
+            if not config.tfds_names:
+                raise ValueError("tfds_names: name at least one tfds data set")
+            if config.tfds_limit is not None and config.tfds_limit < 1:
+                raise ValueError(f"tfds_limit: expected None or >= 1, got {config.tfds_limit}")
+            limit = config.tfds_limit
+            if self.smoke:
+                limit = min(limit or _SMOKE_TFDS_LIMIT, _SMOKE_TFDS_LIMIT)
+            config = dataclasses.replace(config, tasks=config.tfds_names, tfds_limit=limit)
         if not self.smoke:
             return config
         return dataclasses.replace(
@@ -176,6 +218,9 @@ class Config:
         )
 
 
+_SMOKE_TFDS_LIMIT = 500  # examples per split that smoke mode reads of a tfds set
+
+
 def _grid(spec: tuple[float, float, int]) -> jax.Array:
     start, stop, num = spec
     return jnp.linspace(float(start), float(stop), int(num), dtype=jnp.float32)
@@ -185,7 +230,8 @@ def _grid(spec: tuple[float, float, int]) -> jax.Array:
 
 
 class TaskData(NamedTuple):
-    """One task in the common input format; every split is ``{"x": (N, S, S), "y": (N,)}``."""
+    """One task in the common input format; every split is ``{"x": (N, S, S), "y": (N,)}``
+    (``x`` is ``(N, S, S, 3)`` with ``Config.rgb``)."""
 
     name: str
     num_classes: int
@@ -208,22 +254,36 @@ def embed_signal(x: np.ndarray, size: int) -> np.ndarray:
     return points.reshape(n, size, size).astype(np.float32)
 
 
-def to_common_format(x: np.ndarray, size: int) -> np.ndarray:
+def to_common_format(x: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
     """Inputs of any ``jaxmtl.data`` source as ``(N, size, size)`` grayscale in [0, 1].
 
     Signals ``(N, D)`` are embedded as rasters (:func:`embed_signal`), RGB images averaged
-    to gray, other sizes resized bilinearly.
+    to gray, other sizes resized bilinearly. ``channels=3`` gives ``(N, size, size, 3)``
+    instead: RGB kept, gray inputs copied to the three channels.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 or 3, got {channels}")
     x = np.asarray(x, np.float32)
     if x.ndim == 2:
-        return embed_signal(x, size)
-    if x.ndim == 4:
+        x = embed_signal(x, size)
+        return x if channels == 1 else np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim == 4 and channels == 1:
         x = x.mean(axis=-1)
-    if x.ndim != 3:
-        raise ValueError(f"inputs: expected (N, D), (N, H, W) or (N, H, W, C), got {x.shape}")
-    if x.shape[1:] != (size, size):
-        x = np.asarray(jax.image.resize(jnp.asarray(x), (len(x), size, size), "linear"))
+    elif x.ndim == 3 and channels == 3:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim != (3 if channels == 1 else 4) or (channels == 3 and x.shape[-1] != 3):
+        raise ValueError(
+            f"inputs: expected (N, D), (N, H, W) or (N, H, W, {'3' if channels == 3 else 'C'})"
+            f", got {x.shape}"
+        )
+    if x.shape[1:3] != (size, size):
+        shape = (len(x), size, size, *x.shape[3:])
+        x = np.asarray(jax.image.resize(jnp.asarray(x), shape, "linear"))
     return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def _channels(config: Config) -> int:
+    return 3 if config.rgb else 1
 
 
 def load_source(name: str, smoke: bool) -> jdata.Dataset:
@@ -238,6 +298,49 @@ def load_source(name: str, smoke: bool) -> jdata.Dataset:
     if name not in ("digits", "textures", "photos", "mnist1d", "shapes", "multi_digits"):
         raise ValueError(f"tasks: unknown source {name!r}")
     return getattr(jdata, name)(**(small.get(name, {}) if smoke else {}))
+
+
+def _tfds_names(config: Config) -> list[str]:
+    """The tfds sets a ``data="tfds"`` run reads (evaluated and pre-training tasks)."""
+    specs = (*config.tasks, *config.pretrain_tasks)
+    return list(dict.fromkeys(spec.partition(":")[0] for spec in specs))
+
+
+def load_tfds_source(name: str, config: Config) -> jdata.Dataset:
+    """A prepared tfds set, resized to ``image_size`` as it is read (``tfds_limit`` per split).
+
+    Raises:
+      jaxmtl.data.DataNotPreparedError: the set is not on disk (the message says how to
+        prepare it).
+    """
+    return jdata.load_tfds(
+        name, data_dir=config.tfds_dir, image_size=config.image_size, limit=config.tfds_limit
+    )
+
+
+def check_tfds(config: Config) -> None:
+    """Fails at once, before anything is loaded or trained, if a tfds set is not prepared.
+
+    Reads one example of each split of every set (cheap), so that a missing seventh set is
+    reported before six large ones are read and resized, and every missing set at once.
+
+    Raises:
+      jaxmtl.data.DataNotPreparedError: the message names each missing set and how to
+        prepare it.
+    """
+    missing = []
+    for name in _tfds_names(config):
+        try:
+            jdata.load_tfds(name, data_dir=config.tfds_dir, image_size=config.image_size, limit=1)
+        except jdata.DataNotPreparedError as error:
+            missing.append(error)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise jdata.DataNotPreparedError(
+            f"{len(missing)} tfds data sets are not prepared:\n"
+            + "\n".join(f"- {error}" for error in missing)
+        ) from missing[0]
 
 
 def _subset(split: dict[str, np.ndarray], index: np.ndarray, column: int | None) -> dict:
@@ -265,8 +368,13 @@ def prepare_tasks(config: Config) -> tuple[list[TaskData], list[TaskData]]:
     evaluation keeps its whole training split for fine-tuning. Validation and test keep
     ``eval_examples`` random examples each, so every task's evaluation arrays have one
     shape (one compilation for all tasks). Pre-training never touches a validation or test
-    split (``multi_digits`` draws its digits within each split of ``digits``).
+    split (``multi_digits`` draws its digits within each split of ``digits``; a tfds set's
+    validation and test splits are disjoint from its training split). With
+    ``data="tfds"`` the sources are tfds sets (:func:`load_tfds_source`), all checked
+    first (:func:`check_tfds`).
     """
+    if config.data == "tfds":
+        check_tfds(config)
     pretrain_specs = config.pretrain_tasks or config.tasks
     pretrain_sources = {spec.partition(":")[0] for spec in pretrain_specs}
     sources: dict[str, tuple[jdata.Dataset, dict[str, np.ndarray]]] = {}
@@ -274,9 +382,14 @@ def prepare_tasks(config: Config) -> tuple[list[TaskData], list[TaskData]]:
     def source_of(spec: str):
         name = spec.partition(":")[0]
         if name not in sources:
-            ds = load_source(name, config.smoke)
+            if config.data == "tfds":
+                ds = load_tfds_source(name, config)
+            else:
+                ds = load_source(name, config.smoke)
             formatted = {
-                split: to_common_format(getattr(ds, split)["x"], config.image_size)
+                split: to_common_format(
+                    getattr(ds, split)["x"], config.image_size, _channels(config)
+                )
                 for split in ("train", "validation", "test")
             }
             sources[name] = (ds, formatted)
@@ -318,21 +431,26 @@ def prepare_tasks(config: Config) -> tuple[list[TaskData], list[TaskData]]:
 
 def _module(config: Config, seed: int) -> nnx.Module:
     rngs = nnx.Rngs(seed)
+    channels = _channels(config)
     if config.backbone == "mlp":
-        return models.MLP(config.image_size**2, config.hidden, config.features, rngs=rngs)
+        inputs = config.image_size**2 * channels
+        return models.MLP(inputs, config.hidden, config.features, rngs=rngs)
     if config.backbone == "cnn":
-        return models.CNN(1, config.hidden, config.features, rngs=rngs)
+        return models.CNN(channels, config.hidden, config.features, rngs=rngs)
     raise ValueError(f"backbone: expected 'mlp' or 'cnn', got {config.backbone!r}")
 
 
 def make_backbone(config: Config) -> Callable[[Any, jax.Array], jax.Array]:
-    """The backbone ``apply(params, x (N, S, S)) -> features (N, F)``, one object per run.
+    """The backbone ``apply(params, x (N, S, S) or (N, S, S, 3)) -> features (N, F)``, one
+    object per run.
 
     One function object for every seed, so that compiled evaluations are reused.
     """
     apply_fn, _ = models.functional(_module(config, 0))
     if config.backbone == "mlp":
         return lambda params, x: apply_fn(params, x.reshape(x.shape[0], -1))
+    if config.rgb:
+        return apply_fn
     return lambda params, x: apply_fn(params, x[..., None])
 
 
@@ -760,12 +878,21 @@ def evaluate_seed(
 
 
 def _cache_key(config: Config) -> str:
-    """A hash of everything that determines theta_0 and the frozen heads."""
+    """A hash of everything that determines theta_0 and the frozen heads.
+
+    The fields added with the tfds path enter only when they differ from the offline
+    default, so that the keys of offline runs (and their caches) stay what they were.
+    """
     fields = (
         "smoke tasks pretrain_tasks image_size backbone hidden features pretrain_fraction "
         "pretrain_steps pretrain_lr probe_steps probe_lr warmup_steps clip_norm batch_size"
     ).split()
-    text = json.dumps({f: getattr(config, f) for f in fields}, sort_keys=True, default=list)
+    values = {f: getattr(config, f) for f in fields}
+    if config.data != "offline":
+        values.update(data=config.data, tfds_limit=config.tfds_limit)
+    if config.rgb:
+        values["rgb"] = True
+    text = json.dumps(values, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -1049,11 +1176,19 @@ def summary_markdown(agg: dict, config: Config, seconds: float) -> str:
         return jexp.format_mean_std(values, digits=digits, scale=scale)
 
     names = agg["tasks"]
+    source = ""
+    if config.data == "tfds":
+        limit = "" if config.tfds_limit is None else f", at most {config.tfds_limit} per split"
+        source = (
+            f"prepared tfds data sets{limit} (the standard task-arithmetic eight as far as "
+            "tfds has them: GTSRB is not in the tfds catalog); "
+        )
     lines = [
         "# Task arithmetic in the tangent space (and aTLAS) at CPU scale",
         "",
-        f"{len(names)} tasks ({', '.join(names)}), {config.image_size}x{config.image_size} "
-        f"grayscale; backbone {config.backbone} {list(config.hidden)} -> {config.features}, "
+        f"{len(names)} tasks ({', '.join(names)}), {source}{config.image_size}x"
+        f"{config.image_size} {'RGB' if config.rgb else 'grayscale'}; backbone "
+        f"{config.backbone} {list(config.hidden)} -> {config.features}, "
         f"pre-trained {config.pretrain_steps} steps (multi-task) on "
         f"{', '.join(config.pretrain_tasks) if config.pretrain_tasks else 'the same tasks'} "
         f"using {config.pretrain_fraction:.0%} of their sources' training splits (the rest is "
@@ -1240,8 +1375,9 @@ def run(config: Config) -> dict:
 
     start = time.perf_counter()
     effective = config.effective()
-    run_dir = jexp.RunDir(effective.out_dir, config)
+    # the data first: a set that is missing (or too small) fails before the run directory
     tasks, pretrain_tasks = prepare_tasks(effective)
+    run_dir = jexp.RunDir(effective.out_dir, config)
     backbone = make_backbone(effective)
     logits_fn = make_logits_fn(backbone)
     total = 2 * len(tasks) * len(effective.seeds)

@@ -5,8 +5,11 @@ import json
 import math
 
 import numpy as np
+import pytest
+import tensorflow_datasets as tfds
 
 from experiments import tangent_task_arithmetic as tta
+from jaxmtl import data as jdata
 
 
 def _one(root, name):
@@ -101,3 +104,77 @@ def test_tangent_task_arithmetic_smoke(tmp_path):
     assert _one(tmp_path, "metrics.jsonl").read_text().splitlines() == lines
     assert again["per_seed"] == json.loads(json.dumps(results["per_seed"]))
     assert again["addition"] == json.loads(json.dumps(results["addition"]))
+
+
+# --------------------------------------------------------------------------- --data tfds
+
+
+def test_tfds_tasks_with_mock_data(tmp_path):
+    config = tta.Config(
+        smoke=True, data="tfds", tfds_names=("mnist", "eurosat/rgb"), rgb=True
+    ).effective()
+    assert config.tasks == ("mnist", "eurosat/rgb") and config.tfds_limit == 500
+    assert len(tta.Config().tfds_names) == 7 and "gtsrb" not in tta.Config().tfds_names
+    # the offline default's cache key is untouched by the tfds fields; the tfds one differs
+    assert tta._cache_key(tta.Config().effective()) == "8322207636fb"
+    assert tta._cache_key(config) != tta._cache_key(dataclasses.replace(config, data="offline"))
+    with tfds.testing.mock_data(num_examples=60):
+        tasks, pretrain_tasks = tta.prepare_tasks(
+            dataclasses.replace(config, tfds_dir=str(tmp_path), eval_examples=4)
+        )
+    assert [t.name for t in tasks] == [t.name for t in pretrain_tasks] == list(config.tasks)
+    for task in tasks:
+        # 10% of train is validation; the pre-training share is 30% of the rest, cut from
+        # the training split only (the test split is never pre-trained on)
+        assert len(task.pretrain["y"]) == round(0.3 * 54) and len(task.train["y"]) == 54 - 16
+        assert task.test["x"].shape == (4, 16, 16, 3) and task.num_classes == 10
+    # gray MNIST is copied to three channels; the backbone takes the RGB inputs
+    assert np.array_equal(tasks[0].test["x"][..., 0], tasks[0].test["x"][..., 2])
+    features = tta.make_backbone(config)(tta.init_backbone(config, 0), tasks[1].test["x"])
+    assert features.shape == (4, config.features)
+
+
+def test_tfds_smoke_with_mock_data(tmp_path):
+    names = ("mnist", "dtd")
+    config = tta.Config(
+        smoke=True,
+        data="tfds",
+        tfds_names=names,
+        tfds_dir=str(tmp_path / "tfds"),
+        out_dir=str(tmp_path / "tta"),
+    )
+    with tfds.testing.mock_data(num_examples=400):
+        results = tta.run(config)
+    assert results["tasks"] == list(names)
+    for method in ("pretrained", "nonlinear", "linear", "posthoc"):
+        assert set(results["single"][method]["tasks"]) == set(names)
+        assert _in_unit(results["single"][method]["per_task"]), method
+    for method in ("nonlinear", "linear", "posthoc"):
+        assert _in_unit(results["addition"][method]["absolute"]), method
+        assert _in_unit(results["negation"][method]["target"]), method
+        assert all(math.isfinite(v) for v in results["disentanglement"][method]["mean"])
+    for method in ("nonlinear", "linear"):
+        assert _in_unit(results["atlas"][method]["absolute"]), method
+    summary = _one(tmp_path, "summary.md").read_text()
+    assert "2 tasks (mnist, dtd)" in summary and "GTSRB is not in the tfds catalog" in summary
+
+
+def test_tfds_missing_data_fails_before_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the data are missing")
+
+    monkeypatch.setattr(tta, "pretrain", no_training)
+    config = tta.Config(
+        smoke=True,
+        data="tfds",
+        tfds_names=("mnist", "dtd"),
+        tfds_dir=str(tmp_path / "empty"),
+        out_dir=str(tmp_path / "tta"),
+    )
+    with pytest.raises(jdata.DataNotPreparedError, match="2 tfds data sets") as error:
+        tta.run(config)
+    for name in ("mnist", "dtd"):  # every missing set, with how to prepare it
+        assert f"tfds build {name} --file_format=array_record" in str(error.value)
+    assert not (tmp_path / "tta").exists()  # no run directory either
+    with pytest.raises(ValueError, match="data: expected 'offline' or 'tfds'"):
+        tta.Config(data="imagenet").effective()
