@@ -174,6 +174,7 @@ class Config:
     atlas_steps: int = 300
     atlas_lr: float = 1e-2
     atlas_batch: int = 256
+    mesh: str = ""  # e.g. "data=4": jaxmtl.parallel.make_mesh; training batches split over data
 
     def effective(self) -> Config:
         """The configuration actually run (``smoke`` shrinks everything)."""
@@ -521,6 +522,7 @@ def _train(
     seed: int,
     log_every: int = 0,
     progress: bool = False,
+    mesh: str = "",
 ) -> tuple[Any, list[dict]]:
     """``jaxmtl.train.fit`` of ``loss_fn(params, batch) -> loss``; returns (params, history).
 
@@ -542,6 +544,7 @@ def _train(
             seed=seed,
             log_every=log_every,
             progress=progress,
+            mesh=mesh or None,
         )
     return state.params, history
 
@@ -595,6 +598,7 @@ def pretrain(
             seed=seed,
             log_every=max(config.pretrain_steps // 4, 1),
             progress=not config.smoke,
+            mesh=config.mesh,
         )
         params0 = trained["backbone"]
     return {"params0": params0, "heads": fit_probes(config, tasks, backbone, params0, seed)}
@@ -626,6 +630,7 @@ def fit_probes(
         steps=config.probe_steps,
         batch_size=min(4 * config.batch_size, len(data["y"])),
         seed=seed,
+        mesh=config.mesh,
     )
     return {"w": heads["w"], "b": heads["b"] + mask}
 
@@ -659,6 +664,7 @@ def finetune(
         steps=config.finetune_steps,
         batch_size=config.batch_size,
         seed=seed,
+        mesh=config.mesh,
     )
     return tv.task_vector(params, params0), float(history[-1]["loss"])
 
