@@ -8,6 +8,21 @@ import pytest
 from experiments import zloss_large_output as zl
 
 
+def _check_table(results, config, seeds):
+    assert set(results["table"]) == set(zl.METHODS)
+    for method, metrics in results["table"].items():
+        for split in ("val", "test"):
+            for k in config.top_k:
+                values = metrics[f"{split} top-{k}"]
+                assert len(values) == seeds and all(0.0 <= v <= 1.0 for v in values), method
+            # top-k accuracy is non-decreasing in k
+            low, high = metrics[f"{split} top-1"], metrics[f"{split} top-20"]
+            assert all(a <= b for a, b in zip(low, high, strict=True)), method
+            assert len(metrics[f"last {split} top-1"]) == seeds, method
+        assert all(1 <= e <= config.effective().epochs for e in metrics["selected_epoch"])
+        assert all(math.isfinite(s) and s > 0 for s in metrics["epoch_seconds"]), method
+
+
 def test_zloss_large_output_smoke(tmp_path):
     config = zl.Config(smoke=True, seeds=(0, 1), out_dir=str(tmp_path / "zl"))
     results = zl.run(config)
@@ -15,22 +30,48 @@ def test_zloss_large_output_smoke(tmp_path):
     (run_dir,) = (tmp_path / "zl").iterdir()  # one timestamped run directory
     for name in ("config.json", "metrics.jsonl", "results.json", "summary.md", f"{zl.NAME}.png"):
         assert (run_dir / name).stat().st_size > 0, name
+    assert not (run_dir / "pilot.json").exists()
     stored = json.loads((run_dir / "results.json").read_text())
-    assert set(stored) >= {"data", "table", "claims", "seconds"}
-    assert set(results["table"]) == set(zl.METHODS)
+    assert set(stored) >= {"data", "table", "claims", "seconds", "hyperparameters"}
+    assert not stored["tuned"] and stored["pilot"] == []
     assert results["data"]["num_classes"] == config.effective().vocab_size + 1
-    for method, metrics in results["table"].items():
-        for k in config.top_k:
-            values = metrics[f"top-{k}"]
-            assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values), method
-        # top-k accuracy is non-decreasing in k
-        assert all(a <= b for a, b in zip(metrics["top-1"], metrics["top-20"], strict=True)), method
-        assert all(math.isfinite(s) and s > 0 for s in metrics["epoch_seconds"]), method
-    assert "| method |" in (run_dir / "summary.md").read_text()
+    # train / validation / test are disjoint files (8:1:1 by sorted index)
+    files = results["data"]["files_per_split"]
+    assert files == {"train": 32, "val": 4, "test": 4}
+    assert results["hyperparameters"]["softmax CE"]["learning_rate"] == config.ce_learning_rate
+    _check_table(results, config, 2)
+    summary = (run_dir / "summary.md").read_text()
+    assert "| method |" in summary and "validation" in summary and "test split" in summary
 
     # Resuming the finished run reuses every cell (no retraining) and gives the same table.
     again = zl.run(zl.Config(smoke=True, seeds=(0, 1), out_dir=config.out_dir, resume="latest"))
     assert again["table"] == results["table"]
+
+
+def test_zloss_large_output_tune_smoke(tmp_path):
+    config = zl.Config(smoke=True, tune=True, seeds=(0,), out_dir=str(tmp_path / "zl"))
+    results = zl.run(config)
+
+    (run_dir,) = (tmp_path / "zl").iterdir()
+    small = config.effective()
+    rows = json.loads((run_dir / "pilot.json").read_text())
+    assert rows == results["pilot"] and "| method |" in (run_dir / "pilot.md").read_text()
+    by_method = {m: [r for r in rows if r["method"] == m] for m in zl.METHODS}
+    lrs, abs_, olrs = small.tune_learning_rates, small.tune_z_ab, small.tune_output_learning_rates
+    assert len(by_method["softmax CE"]) == len(lrs)
+    assert len(by_method["Z-loss dense"]) == len(abs_) * len(lrs)
+    assert len(by_method["Z-loss factored"]) == len(abs_) * len(olrs) + len(lrs) - 1
+    assert {(r["a"], r["b"]) for r in by_method["Z-loss dense"]} == set(abs_)
+    for method, method_rows in by_method.items():
+        (best,) = [r for r in method_rows if r["chosen"]]
+        # the winner has the best validation top-1 and is what the main run used
+        assert best["val top-1"] == max(r["val top-1"] for r in method_rows if r["finite"])
+        hp = results["hyperparameters"][method]
+        assert hp == {k: best[k] for k in hp}, method
+    assert results["tuned"] and results["pilot_seconds"] > 0
+    _check_table(results, config, 1)
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Pilot" in summary and "Chosen in this run by the pilot" in summary
 
 
 def test_zloss_large_output_bad_method(tmp_path):
