@@ -32,6 +32,26 @@ def time_call(fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int
     return statistics.median(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[..., Any]], *args: Any, rounds: int = 20, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time in seconds of each ``fn(*args)``, timed in interleaved rounds.
+
+    Each round calls every function once in turn, so a change of load from other processes
+    during the run (a shared CPU) reaches every method alike and the ratios stay fair.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def counted_flops(jitted: Callable[..., Any], *args: Any) -> float:
     """FLOPs of one call of a ``jax.jit``-ed function, as XLA's cost analysis counts them."""
     analysis = jitted.lower(*args).compile().cost_analysis()

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import counted_flops, format_table, time_call, write_json
+from benchmarks.common import counted_flops, format_table, time_interleaved, write_json
 from jaxmtl import mtl
 
 SIZES = (784, 256, 256)
@@ -81,7 +81,6 @@ def measure(num_tasks: int, repeats: int) -> list[dict]:
         return [one_task_grad(p, x, y, t) for t in range(num_tasks)]
 
     args = (params, x, labels)
-    base = time_call(summed_grad, *args, repeats=repeats)
     base_flops = counted_flops(summed_grad, *args)
     candidates = {
         "task_gradients": (per_task, counted_flops(per_task, *args)),
@@ -91,11 +90,14 @@ def measure(num_tasks: int, repeats: int) -> list[dict]:
         "jax.jacrev": (jacrev, counted_flops(jacrev, *args)),
     }
     floor = (1 + 2 * num_tasks) / 3
+    fns = {"jax.grad(sum)": summed_grad, **{name: fn for name, (fn, _) in candidates.items()}}
+    timed = time_interleaved(fns, *args, rounds=repeats)
+    base = timed["jax.grad(sum)"]
     rows = [
         {"K": num_tasks, "method": "jax.grad(sum)", "ms": base * 1e3, "ratio": 1.0, "flops": 1.0}
     ]
-    for name, (fn, flops) in candidates.items():
-        seconds = time_call(fn, *args, repeats=repeats)
+    for name, (_, flops) in candidates.items():
+        seconds = timed[name]
         rows.append(
             {
                 "K": num_tasks,
