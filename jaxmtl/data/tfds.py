@@ -7,7 +7,7 @@ Nothing is downloaded at run time. Prepare a data set once on a machine with Ten
 and copy the folder; then ``load_tfds("mnist")`` reads it. The standard task-arithmetic
 suite (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023) is eight data
 sets; :data:`TASK_ARITHMETIC` lists those tfds offers (GTSRB is not in the tfds catalog;
-RESISC45 and SUN397 need a manual download there), plus Fashion-MNIST and CIFAR-10.
+RESISC45 needs a manual download there), plus Fashion-MNIST and CIFAR-10.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _source(name: str, split: str, data_dir: str | None):
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         raise DataNotPreparedError(
             f"tfds data set {name!r} (split {split!r}) is not prepared as ArrayRecord under "
-            f"{where}. On a machine with TensorFlow run `tfds build {name.split('/')[0]} "
+            f"{where}. On a machine with TensorFlow run `tfds build {name} "
             f"--file_format=array_record --data_dir {where}` and copy the folder here "
             f"(jaxmtl never downloads at run time). Cause: {type(error).__name__}: "
             f"{str(error)[:200]}"
