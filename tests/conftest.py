@@ -7,6 +7,7 @@ float64/int promotion in library code is a bug), and warnings as errors (pyproje
 import os
 
 import hypothesis
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -20,3 +21,10 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+
+@pytest.fixture
+def x64():
+    """Runs a test with 64-bit floats enabled (float64 references)."""
+    with jax.enable_x64(True):
+        yield

@@ -10,12 +10,6 @@ import pytest
 from jaxmtl.analysis import embedding
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _unit(rng, n, d):
     z = rng.normal(size=(n, d))
     return z / np.linalg.norm(z, axis=1, keepdims=True)

@@ -12,13 +12,12 @@ from hypothesis.extra import numpy as hnp
 
 from jaxmtl.analysis import equity
 from jaxmtl.losses import focal
-
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from tests.losses.jitted import FAST_COMPILE
 
 
 @functools.cache
 def _jitted(fn, **static):
-    return jax.jit(functools.partial(fn, **static), compiler_options=_FAST_COMPILE)
+    return jax.jit(functools.partial(fn, **static), compiler_options=FAST_COMPILE)
 
 
 def _blobs(sizes=(50, 25, 25), dim=4, seed=0):

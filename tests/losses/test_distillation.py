@@ -1,6 +1,5 @@
 """Tests of jaxmtl.losses.distillation: KD, BinaryKL, BinaryKL-Norm, DHKD objective."""
 
-import functools
 import math
 
 import jax
@@ -14,47 +13,10 @@ from jax.test_util import check_grads
 
 from jaxmtl.losses import classification as cl
 from jaxmtl.losses import distillation as kd
+from tests.losses.jitted import Jit
 
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-@functools.cache
-def _compiled(fn, static_argnums, fixed, grad):
-    f = functools.partial(fn, **dict(fixed))
-    if grad:
-        f = jax.grad(lambda *args_, f_=f, **kwargs_: jnp.sum(f_(*args_, **kwargs_)))
-    return jax.jit(f, static_argnums=static_argnums, compiler_options=_FAST_COMPILE)
-
-
-class _Jit:
-    """``J.name(...)`` runs ``module.name`` under ``jit`` and ``G.name(...)`` the gradient of
-    its sum w.r.t. the first argument (arrays and floats traced, the rest static); eager
-    dispatch is slow on a shared CPU. Bad-input tests call the module directly."""
-
-    def __init__(self, module, grad=False):
-        self._module, self._grad = module, grad
-
-    def __getattr__(self, name):
-        fn = getattr(self._module, name)
-        dynamic = lambda v: isinstance(v, (jax.Array, np.ndarray, float))
-
-        def call(*args, **kwargs):
-            static = tuple(i for i, a in enumerate(args) if not dynamic(a))
-            fixed = tuple(sorted((k, v) for k, v in kwargs.items() if not dynamic(v)))
-            traced = {k: v for k, v in kwargs.items() if dynamic(v)}
-            return _compiled(fn, static, fixed, self._grad)(*args, **traced)
-
-        return call
-
-
-J, G = _Jit(kd), _Jit(kd, grad=True)
-JC, GC = _Jit(cl), _Jit(cl, grad=True)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
+J, G = Jit(kd), Jit(kd, grad=True)
+JC, GC = Jit(cl), Jit(cl, grad=True)
 
 
 def _binary_kl_reference(s, t, T):

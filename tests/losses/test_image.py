@@ -13,12 +13,6 @@ from jaxmtl.losses import image
 _WEIGHTS = image.MS_SSIM_WEIGHTS
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------- float64 NumPy reference
 
 

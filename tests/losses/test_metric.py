@@ -11,12 +11,6 @@ from jax.test_util import check_grads
 from jaxmtl.losses import metric
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _unit_circle(degrees, dtype=jnp.float32):
     a = np.deg2rad(np.asarray(degrees, np.float64))
     return jnp.asarray(np.stack([np.cos(a), np.sin(a)], axis=1), dtype)

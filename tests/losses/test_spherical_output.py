@@ -12,19 +12,12 @@ from jax.test_util import check_grads
 
 from jaxmtl.losses import classification as cl
 from jaxmtl.losses import spherical_output as so
-
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from tests.losses.jitted import FAST_COMPILE
 
 
 def _jit(fn, **kwargs):
     """``jax.jit`` with fast compilation (eager dispatch compiles every op separately)."""
-    return jax.jit(fn, compiler_options=_FAST_COMPILE, **kwargs)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
 def _problem(seed, num_classes=40, dim=6, n=9, offset=0.0, dtype=np.float64):

@@ -6,12 +6,6 @@ import pytest
 from jaxmtl import mtl
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _mlp_params(key, sizes, k_tasks, dtype):
     keys = jax.random.split(key, len(sizes) + k_tasks)
     trunk = [

@@ -12,12 +12,6 @@ from jaxmtl.mtl import gramian_path as gp
 from jaxmtl.transforms import weighting as W
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _scale_layer(p, x):
     """A generic layer: a learned elementwise scale and shift."""
     return x * p["scale"] + p["shift"]

@@ -12,13 +12,6 @@ import pytest
 from jaxmtl import mtl
 from jaxmtl.transforms.flat import FlatMTLState, flat_mtl, sam_perturbation
 
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 # ---- stand-in aggregators (the library's own are tested where they exist) -----------------
 
 

@@ -17,12 +17,6 @@ _tsr = jax.jit(tsr_loss, static_argnames=("channel_axis", "eps"))
 _csa = jax.jit(csa_loss, static_argnames=("tau", "channel_axis", "positive_in_denominator", "eps"))
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 # ---- independent NumPy float64 references, written from the paper's equations ------------
 
 
