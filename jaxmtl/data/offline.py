@@ -131,12 +131,23 @@ def _patches(
     return out, tuple(images)
 
 
-def _patch_dataset(kind: str, names: tuple[str, ...], **kwargs) -> Dataset:
+def _patch_dataset(
+    kind: str, names, *, patch: int, zoom: int, per_image: int, seed: int, fractions
+) -> Dataset:
+    """The arguments of :func:`textures` and :func:`photos`, checked, and their data set."""
+    names = tuple(names)
     unknown = [n for n in names if n not in TEXTURES + PHOTOS]
     if unknown or len(names) < 2:
         raise ValueError(f"{kind} needs >= 2 image names from {TEXTURES + PHOTOS}, got {names}")
     images = {n: _gray_image(n) for n in names}
-    (train, val, test), classes = _patches(images, **kwargs)
+    (train, val, test), classes = _patches(
+        images,
+        patch=_check_positive_int("patch", patch),
+        zoom=_check_positive_int("zoom", zoom),
+        per_image=_check_positive_int("per_image", per_image),
+        seed=seed,
+        fractions=fractions,
+    )
     return Dataset(kind, train, val, test, (len(classes),), ("source",), (classes,))
 
 
@@ -162,10 +173,10 @@ def textures(
     """
     return _patch_dataset(
         "textures",
-        tuple(names),
-        patch=_check_positive_int("patch", patch),
-        zoom=_check_positive_int("zoom", zoom),
-        per_image=_check_positive_int("per_image", per_image),
+        names,
+        patch=patch,
+        zoom=zoom,
+        per_image=per_image,
         seed=seed,
         fractions=fractions,
     )
@@ -188,13 +199,7 @@ def photos(
     (8,)
     """
     return _patch_dataset(
-        "photos",
-        tuple(names),
-        patch=_check_positive_int("patch", patch),
-        zoom=_check_positive_int("zoom", zoom),
-        per_image=_check_positive_int("per_image", per_image),
-        seed=seed,
-        fractions=fractions,
+        "photos", names, patch=patch, zoom=zoom, per_image=per_image, seed=seed, fractions=fractions
     )
 
 
