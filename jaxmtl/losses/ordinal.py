@@ -70,14 +70,34 @@ def _cumulative(cum_logits: jax.Array) -> jax.Array:
     return cum_logits
 
 
+def _sigmoid_difference(upper: jax.Array, lower: jax.Array) -> jax.Array:
+    """``sigmoid(upper) - sigmoid(lower)``, accurate in the tails and finite for any inputs.
+
+    With ``hi, lo`` the larger and smaller of the two, the difference is
+    ``sign * exp(log_sigmoid(hi) + log_sigmoid(-lo)) * -expm1(lo - hi)``: the sigmoids'
+    product in log space, and ``lo - hi <= 0`` so ``expm1`` never overflows (the naive
+    ``expm1(lower - upper)`` is inf for a gap over ~88 in float32, and ``0 * inf`` NaN).
+    ``jnp.where`` (not max/min) picks the branch, so at a tie the gradient is the exact
+    ``(sigmoid'(upper), -sigmoid'(lower))``.
+    """
+    swap = upper < lower
+    hi, lo = jnp.where(swap, lower, upper), jnp.where(swap, upper, lower)
+    log_product = jax.nn.log_sigmoid(hi) + jax.nn.log_sigmoid(-lo)
+    magnitude = jnp.exp(log_product) * -jnp.expm1(lo - hi)
+    return jnp.where(swap, -magnitude, magnitude)
+
+
 def ordinal_softmax(cum_logits: jax.Array, *, clip: bool = False) -> jax.Array:
     """Class probabilities from cumulative logits ("ordinal softmax").
 
     Kennedy et al. 2020: ``P(y = 0) = 1 - sigmoid(l_0)``,
     ``P(y = k) = sigmoid(l_{k-1}) - sigmoid(l_k)``, ``P(y = K - 1) = sigmoid(l_{K-2})``. Each
-    difference is evaluated as ``sigmoid(l_{k-1}) sigmoid(-l_k) (1 - exp(l_k - l_{k-1}))``,
-    accurate in the tails. Rows sum to 1; entries are non-negative only when ``l_k`` is
-    non-increasing in ``k``. ``clip=True`` clips negative entries at 0 and renormalizes.
+    difference is evaluated in log space as ``sigmoid(hi) sigmoid(-lo) (1 - exp(lo - hi))``
+    with ``hi, lo`` the larger and smaller logit (and the sign of ``l_{k-1} - l_k``):
+    accurate in the tails and finite for any logits, also non-monotone ones with gaps of
+    1e4. Rows sum to 1; entries are non-negative only when ``l_k`` is non-increasing in
+    ``k``. ``clip=True`` clips negative entries at 0 and renormalizes (the clipped row sums
+    to at least 1 before renormalizing, so this never divides by 0).
 
     Args:
       cum_logits: (..., K - 1).
@@ -88,13 +108,14 @@ def ordinal_softmax(cum_logits: jax.Array, *, clip: bool = False) -> jax.Array:
 
     >>> print(ordinal_softmax(jnp.array([2.0, 0.0, -2.0])).round(6))
     [0.119203 0.380797 0.380797 0.119203]
+    >>> print(ordinal_softmax(jnp.array([1.0, 100.0, 2.0]), clip=True).round(6))
+    [0.211942 0.       0.093939 0.69412 ]
     """
     cum_logits = _cumulative(cum_logits)
     x = cum_logits.astype(_compute_dtype(cum_logits.dtype))
     first = jax.nn.sigmoid(-x[..., :1])
     last = jax.nn.sigmoid(x[..., -1:])
-    upper, lower = x[..., :-1], x[..., 1:]
-    middle = jax.nn.sigmoid(upper) * jax.nn.sigmoid(-lower) * -jnp.expm1(lower - upper)
+    middle = _sigmoid_difference(x[..., :-1], x[..., 1:])
     probs = jnp.concatenate([first, middle, last], axis=-1)
     if clip:
         probs = jnp.maximum(probs, 0.0)

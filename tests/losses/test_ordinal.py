@@ -132,3 +132,52 @@ def test_bad_input():
         ordinal.coral_logits(jnp.zeros(2), jnp.zeros(2, jnp.bfloat16))
     with pytest.raises(ValueError, match="num_classes: expected an int >= 2"):
         ordinal.ordinal_levels(jnp.array([0]), 1)
+
+
+def _softmax_reference(cum):
+    """Naive differences of sigmoids in float64 (exact enough for |logits| <= 1e4)."""
+    from scipy.special import expit
+
+    cum = np.asarray(cum, np.float64)
+    s = np.concatenate(
+        [np.ones((*cum.shape[:-1], 1)), expit(cum), np.zeros((*cum.shape[:-1], 1))], -1
+    )
+    return s[..., :-1] - s[..., 1:]
+
+
+# Non-monotone cumulative logits with gaps over 88 (exp overflows in float32), and 1e4.
+_NON_MONOTONE = [
+    [1.0, 100.0, 2.0],
+    [-100.0, 100.0, -100.0],
+    [-1e4, 1e4, 0.0],
+    [0.0, 90.0, 90.0],
+    [5.0, 5.0, 5.0],
+]
+
+
+def test_non_monotone_large_gaps_are_finite_and_exact():
+    cum = jnp.asarray(_NON_MONOTONE, jnp.float32)
+    expected = _softmax_reference(_NON_MONOTONE)
+    raw = np.asarray(J.ordinal_softmax(cum), np.float64)
+    assert np.all(np.isfinite(raw)), raw
+    np.testing.assert_allclose(raw, expected, atol=1e-6)
+    np.testing.assert_allclose(raw.sum(-1), 1.0, atol=1e-6)
+    clipped = np.asarray(J.ordinal_softmax(cum, clip=True), np.float64)
+    assert np.all(np.isfinite(clipped)), clipped
+    positive = np.maximum(expected, 0.0)
+    np.testing.assert_allclose(clipped, positive / positive.sum(-1, keepdims=True), atol=1e-6)
+    for grads in (G.ordinal_softmax(cum), G.ordinal_softmax(cum, clip=True)):
+        assert np.all(np.isfinite(np.asarray(grads))), grads
+    for dtype in (jnp.float16, jnp.bfloat16):
+        assert np.all(np.isfinite(np.asarray(J.ordinal_softmax(cum[:2].astype(dtype)), float)))
+
+
+def test_non_monotone_and_tied_gradients(x64):
+    # Ties (CORAL's initial biases are all 0) and a gap of 99 both ways; float64 check_grads.
+    for row in ([1.0, 100.0, 2.0], [0.3, 0.3, 0.3], [2.0, -3.0, 40.0]):
+        cum = jnp.asarray([row], jnp.float64)
+        for clip in (False, True):
+            check_grads(jax.jit(lambda v, c=clip: ordinal.ordinal_softmax(v, clip=c)), (cum,), 1)
+    # At a tie, d/dl_0 of P(y = 1) = sigmoid(l_0) - sigmoid(l_1) is sigmoid'(l_0), not 0.
+    grad = jax.grad(lambda v: ordinal.ordinal_softmax(v)[1])(jnp.zeros(3, jnp.float64))
+    np.testing.assert_allclose(np.asarray(grad), [0.25, -0.25, 0.0], atol=1e-12)
