@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -289,6 +290,53 @@ class _Progress:
             self.bar.close()
 
 
+# --------------------------------------------------------------------------- the jit cache
+
+# step_fn -> {(signature of (state, batch), mesh): (metric shapes, float names, jitted step)}.
+# Weak keys: a step function that is no longer referenced frees its compiled steps.
+_STEP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(tree: Any) -> tuple:
+    """The tree structure and every leaf's shape and dtype (what a jit trace depends on)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(
+        (np.shape(x), str(getattr(x, "dtype", type(x))), bool(getattr(x, "weak_type", False)))
+        for x in leaves
+    )
+
+
+def _compiled_step(step_fn: StepFn, state: Any, batch: Any, mesh: Any):
+    """``(metric_shapes, float_names, train_step)`` for :func:`fit`, made once per
+    ``step_fn`` object, input shapes and mesh and reused by later ``fit`` calls.
+
+    Calling ``fit`` again with the same ``step_fn`` (e.g. one fine-tuning cell per task,
+    with parameters, heads and batches passed as arguments rather than closed over) neither
+    traces nor compiles the step again. A step function that cannot be weakly referenced
+    is not cached.
+    """
+    key = (_signature((state, batch)), mesh)
+    try:
+        entries = _STEP_CACHE.setdefault(step_fn, {})
+    except TypeError:  # not weakly referenceable (e.g. a functools.partial of a builtin)
+        entries = {}
+    if key not in entries:
+        _, metric_shapes = jax.eval_shape(step_fn, state, batch)
+        if not isinstance(metric_shapes, Mapping) or not all(
+            isinstance(k, str) for k in metric_shapes
+        ):
+            raise TypeError("step_fn must return (state, metrics) with metrics a dict keyed by str")
+        float_names = [k for k, s in metric_shapes.items() if jnp.issubdtype(s.dtype, jnp.floating)]
+        placement = {}
+        if mesh is not None:
+            from jaxmtl import parallel
+
+            placement = {"out_shardings": parallel.replicated(mesh)}
+        step = jax.jit(_windowed(step_fn, float_names), donate_argnums=(0, 2), **placement)
+        entries[key] = (metric_shapes, float_names, step)
+    return entries[key]
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -313,7 +361,11 @@ def fit(
     """Trains until ``state.step == steps``; resumable, deterministic.
 
     Update ``k`` (0-based) applies ``step_fn`` (jitted once, state donated) to the batch
-    ``jaxmtl.data.batch_at(train_data, k, batch_size=batch_size, seed=seed)``.
+    ``jaxmtl.data.batch_at(train_data, k, batch_size=batch_size, seed=seed)``. The jitted
+    step is kept per ``step_fn`` object, input shapes and mesh: a later ``fit`` with the same
+    ``step_fn`` and shapes reuses it, with no new trace or compilation (pass what differs
+    between runs, such as parameters or frozen heads, in the state or the batch rather than
+    closing over it in a new function).
 
     Args:
       state: the initial state (:func:`init_state`); a pytree with an int ``step`` field. It
@@ -503,13 +555,8 @@ def _fit(
         return state, history
 
     first_batch = batch_at(train_data, start, batch_size=batch_size, seed=seed)
-    _, metric_shapes = jax.eval_shape(step_fn, state, first_batch)
-    if not isinstance(metric_shapes, Mapping) or not all(isinstance(k, str) for k in metric_shapes):
-        raise TypeError("step_fn must return (state, metrics) with metrics a dict keyed by str")
-    float_names = [k for k, s in metric_shapes.items() if jnp.issubdtype(s.dtype, jnp.floating)]
+    metric_shapes, float_names, train_step = _compiled_step(step_fn, state, first_batch, mesh)
     window = _empty_window(metric_shapes)
-    placement = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-    train_step = jax.jit(_windowed(step_fn, float_names), donate_argnums=(0, 2), **placement)
 
     def check_window(done: int) -> None:
         first_bad, bad = jax.device_get((window.first_bad, window.bad))

@@ -81,6 +81,35 @@ def test_train_step_matches_a_hand_computed_sgd_step():
     _identical(new.rng, state.rng)  # the base key never changes
 
 
+def test_fit_reuses_the_compiled_step_across_calls():
+    traces = []
+    opt = optax.sgd(0.1)
+
+    def counted_loss(params, batch, rng):
+        traces.append(1)  # a Python side effect: runs once per trace
+        return dropout_loss(params, batch, rng)
+
+    step = train.make_train_step(counted_loss, opt)
+    first, _ = train.fit(
+        train.init_state(_params(), opt, seed=0),
+        step,
+        _data(),
+        steps=3,
+        batch_size=BATCH,
+        progress=False,
+    )
+    count = len(traces)
+    assert count >= 1
+    # new parameters, a new seed, other data of the same shapes: no new trace
+    state = train.init_state(jax.tree.map(lambda x: x + 1.0, _params()), opt, seed=1)
+    second, _ = train.fit(state, step, _data(1), steps=5, batch_size=BATCH, seed=2, progress=False)
+    assert len(traces) == count and int(second.step) == 5
+    assert not np.allclose(first.params["w"], second.params["w"])
+    # other shapes trace again
+    train.fit(state, step, _data(), steps=1, batch_size=2 * BATCH, progress=False)
+    assert len(traces) > count
+
+
 def test_step_rng_is_fold_in_of_the_step():
     opt = optax.sgd(0.0)
     draw = lambda p, b, rng: (jnp.sum(p["w"]) * 0.0, {"u": jax.random.uniform(rng)})

@@ -102,6 +102,26 @@ def test_mlp_matches_numpy(activation, reference):
     np.testing.assert_allclose(mlp(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_layernorm_before_the_activation_matches_numpy():
+    mlp = MLP(tiny.HIDDEN, [7, 5], 3, activation=nnx.gelu, norm="layernorm", rngs=nnx.Rngs(1))
+    # perturb the norms' scale and bias so that they are not the identity
+    for i, norm in enumerate(mlp.norms):
+        norm.scale[...] = norm.scale[...] + 0.1 * (i + 1)
+        norm.bias[...] = norm.bias[...] - 0.2
+    p = numpy_params(mlp)
+    x = normal((6, tiny.HIDDEN))
+    h = np.asarray(x, np.float64)
+    for i in range(2):
+        h = h @ p["layers"][i]["kernel"] + p["layers"][i]["bias"]
+        mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        h = (h - mu) / np.sqrt(var + 1e-6) * p["norms"][i]["scale"] + p["norms"][i]["bias"]
+        h = _gelu_tanh(h)
+    expected = h @ p["layers"][2]["kernel"] + p["layers"][2]["bias"]
+    np.testing.assert_allclose(mlp(x), expected, rtol=1e-4, atol=1e-4)
+    # the default has no norms (its parameters are unchanged)
+    assert len(MLP(tiny.HIDDEN, [7, 5], 3, rngs=nnx.Rngs(1)).norms) == 0
+
+
 def test_cnn_matches_numpy():
     cnn = tiny.cnn()
     p = numpy_params(cnn)
@@ -203,6 +223,7 @@ def test_bfloat16_compute_with_float32_params(make, x):
         (lambda: MLP(2, 4, 3, rngs=nnx.Rngs(0)), TypeError, "hidden"),
         (lambda: MLP(2, [], 3, activation="relu", rngs=nnx.Rngs(0)), TypeError, "activation"),
         (lambda: MLP(2, [], 3, param_dtype=jnp.int32, rngs=nnx.Rngs(0)), TypeError, "param_dtype"),
+        (lambda: MLP(2, [4], 3, norm="batchnorm", rngs=nnx.Rngs(0)), ValueError, "norm"),
         (lambda: CNN(1, [], 3, rngs=nnx.Rngs(0)), ValueError, "channels"),
         (lambda: ViT(9, 4, 3, 8, 1, 2, 8, 5, rngs=nnx.Rngs(0)), ValueError, "patch_size"),
         (lambda: ViT(8, 4, 3, 9, 1, 2, 8, 5, rngs=nnx.Rngs(0)), ValueError, "heads"),
