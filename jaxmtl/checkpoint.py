@@ -14,6 +14,10 @@ every jaxmtl run makes the same way:
   raw ``uint32`` key data (``jax.random.key_data``) and wrapped back with the same
   implementation on restore (``jax.random.wrap_key_data``). Raw ``uint32`` keys
   (``jax.random.PRNGKey``) are ordinary arrays and round-trip unchanged;
+* zero-size arrays (orbax refuses them; e.g. the placeholders that per-task transforms
+  keep for task-specific leaves) are stored as ``None`` with their shape and dtype in the
+  metadata, and come back as zeros of that shape and dtype (with the target's sharding);
+  ``None`` and empty nodes (``optax.EmptyState``) round-trip as they are;
 * :meth:`Checkpointer.restore` is strict: the target's tree structure, shapes and dtypes must
   equal the stored ones (orbax alone would silently cast dtypes), and a checkpoint that cannot
   be read raises :class:`CheckpointReadError` naming its path. Nothing is ever overwritten:
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -52,6 +57,21 @@ def _leaf_name(path: tuple) -> str:
 def _is_prng_key(leaf: Any) -> bool:
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _is_empty_array(leaf: Any) -> bool:
+    shape = getattr(leaf, "shape", None)
+    return shape is not None and hasattr(leaf, "dtype") and 0 in tuple(shape)
+
+
+def _zeros_like_record(record: Mapping[str, Any], like: Any = None) -> Any:
+    """The zero-size array described by ``record`` (``{"shape", "dtype"}``); a NumPy array
+    when ``like`` is one, else a jax.Array (on ``like``'s sharding when it has one)."""
+    zeros = np.zeros(tuple(record["shape"]), jnp.dtype(record["dtype"]))
+    if isinstance(like, np.ndarray | np.generic):
+        return zeros
+    sharding = getattr(like, "sharding", None)
+    return jax.device_put(zeros, sharding) if sharding is not None else jax.device_put(zeros)
 
 
 def _abstract(leaf: Any) -> Any:
@@ -164,15 +184,22 @@ class Checkpointer:
                 "checkpoints are never overwritten"
             )
         keys: dict[str, str] = {}
+        empty: dict[str, dict[str, Any]] = {}
 
         def storable(path, leaf):
             if _is_prng_key(leaf):
                 keys[_leaf_name(path)] = str(jax.random.key_impl(leaf))
-                return jax.random.key_data(leaf)
+                leaf = jax.random.key_data(leaf)
+            if _is_empty_array(leaf):  # orbax cannot save zero-size arrays
+                empty[_leaf_name(path)] = {
+                    "shape": list(leaf.shape),
+                    "dtype": np.dtype(leaf.dtype).name,
+                }
+                return None
             return leaf
 
         stored = jax.tree_util.tree_map_with_path(storable, pytree)
-        record = {"user": dict(metadata or {}), "prng_keys": keys}
+        record = {"user": dict(metadata or {}), "prng_keys": keys, "empty_arrays": empty}
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -238,6 +265,7 @@ class Checkpointer:
         step = int(step)
         record = self._read_record(step)
         keys: dict[str, str] = record["prng_keys"]
+        empty: dict[str, dict] = record.get("empty_arrays", {})  # absent before jaxmtl 0.2
         try:
             stored_tree = self._manager.item_metadata(step)[_STATE].tree
         except Exception as error:
@@ -245,13 +273,14 @@ class Checkpointer:
         if target is None:
             args = ocp.args.StandardRestore()
         else:
-            abstract = self._abstract_target(step, target, stored_tree, keys)
+            abstract = self._abstract_target(step, target, stored_tree, keys, empty)
             args = ocp.args.StandardRestore(abstract)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))
             tree = restored[_STATE]
         except Exception as error:
             raise self._read_error(step, error) from error
+        tree = _fill_empty_arrays(tree, target, empty)
 
         def rewrap(path, leaf):
             impl = keys.get(_leaf_name(path))
@@ -259,14 +288,20 @@ class Checkpointer:
 
         return jax.tree_util.tree_map_with_path(rewrap, tree)
 
-    def _abstract_target(self, step: int, target, stored_tree, keys: dict[str, str]) -> PyTree:
-        """The restore target with typed keys replaced by their key data, checked leaf by leaf
-        against the stored metadata."""
+    def _abstract_target(
+        self, step: int, target, stored_tree, keys: dict[str, str], empty: dict[str, dict]
+    ) -> PyTree:
+        """The restore target with typed keys replaced by their key data and zero-size arrays
+        by ``None`` (as saved), checked leaf by leaf against the stored metadata."""
         where = f"checkpoint {self.step_path(step)}"
         # None and empty nodes (optax's EmptyState is stored as None) hold no leaves; orbax
         # checks the full structure itself.
         flat = jax.tree_util.tree_flatten_with_path
         stored_leaves = {_leaf_name(p): m for p, m in flat(stored_tree)[0]}
+        for name, shape_dtype in empty.items():
+            stored_leaves[name] = jax.ShapeDtypeStruct(
+                tuple(shape_dtype["shape"]), jnp.dtype(shape_dtype["dtype"])
+            )
         target_leaves = {_leaf_name(p): leaf for p, leaf in flat(target)[0]}
         missing = sorted(set(stored_leaves) - set(target_leaves))
         extra = sorted(set(target_leaves) - set(stored_leaves))
@@ -302,7 +337,33 @@ class Checkpointer:
                     f"leaf {name!r} of {where}: stored shape {stored_shape} dtype {stored_dtype}, "
                     f"target shape {shape} dtype {dtype}"
                 )
+            if name in empty:
+                return None  # saved as None (see save)
             # orbax restores into arrays, ShapeDtypeStructs and Python scalars only.
             return np.asarray(leaf) if isinstance(leaf, np.generic) else leaf
 
         return jax.tree_util.tree_map_with_path(convert, target)
+
+
+def _fill_empty_arrays(tree: PyTree, target: PyTree | None, empty: dict[str, dict]) -> PyTree:
+    """``tree`` as restored by orbax with the zero-size arrays (restored as ``None``) put
+    back: shaped like ``target`` when there is one, else in place of the ``None`` leaves."""
+    if not empty:
+        return tree
+    if target is None:
+
+        def fill(path, leaf):
+            name = _leaf_name(path)
+            return _zeros_like_record(empty[name]) if leaf is None and name in empty else leaf
+
+        return jax.tree_util.tree_map_with_path(fill, tree, is_leaf=lambda x: x is None)
+    restored = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def rebuild(path, leaf):
+        name = _leaf_name(path)
+        if name in empty:
+            like = jax.eval_shape(jax.random.key_data, leaf) if _is_prng_key(leaf) else leaf
+            return _zeros_like_record(empty[name], like)
+        return restored[name]
+
+    return jax.tree_util.tree_map_with_path(rebuild, target)

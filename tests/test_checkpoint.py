@@ -178,3 +178,45 @@ def test_bad_arguments(tmp_path):
             ckpt.save(-1, {"a": jnp.ones(2)})
         with pytest.raises(TypeError, match="metadata"):
             ckpt.save(0, {"a": jnp.ones(2)}, metadata=[1, 2])
+
+
+def _with_empty_leaves() -> dict:
+    return {
+        "empty": jnp.zeros((0,), jnp.float32),
+        "matrix": jnp.zeros((3, 0), jnp.bfloat16),
+        "host": np.zeros((0, 2), np.int16),
+        "keys": jax.random.split(jax.random.key(0), 0),  # a typed key array of size 0
+        "none": None,
+        "empty_state": optax.EmptyState(),
+        "full": jnp.arange(3.0),
+    }
+
+
+def test_zero_size_and_none_leaves_round_trip(tmp_path):
+    tree = _with_empty_leaves()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, tree)
+        ckpt.wait()
+        _assert_identical(ckpt.restore(1, tree), tree)
+        _assert_identical(ckpt.restore(1, jax.eval_shape(lambda: tree)), tree)
+        untargeted = ckpt.restore(1)
+        for name in ("empty", "matrix", "host", "keys", "full"):
+            _assert_identical(untargeted[name], tree[name])
+        with pytest.raises(ValueError, match=r"'matrix'.*shape \(3, 0\).*shape \(0, 3\)"):
+            ckpt.restore(1, {**tree, "matrix": jnp.zeros((0, 3), jnp.bfloat16)})
+    with Checkpointer(tmp_path) as again:  # another process reads the same
+        _assert_identical(again.restore(1, tree), tree)
+
+
+def test_db_mtl_state_with_heads_round_trips(tmp_path):
+    from jaxmtl import transforms
+
+    params = {"trunk": {"w": jnp.ones((3, 2))}, "heads": [{"w": jnp.ones(2)}, {"w": jnp.ones(2)}]}
+    shared = lambda path: path[0].key == "trunk"
+    tx = optax.chain(transforms.db_mtl(num_tasks=2, shared=shared), optax.adam(1e-3))
+    state = tx.init(params)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(0, {"params": params, "opt_state": state})
+        ckpt.wait()
+        restored = ckpt.restore(0, {"params": params, "opt_state": state})
+    _assert_identical(restored["opt_state"], state)
