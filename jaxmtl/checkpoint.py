@@ -27,6 +27,7 @@ every jaxmtl run makes the same way:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,25 @@ class Checkpointer:
     def step_path(self, step: int) -> Path:
         """The directory of checkpoint ``step``."""
         return self.directory / str(int(step))
+
+    def set_aside(self, step: int) -> Path:
+        """Moves checkpoint ``step`` (one that cannot be read, say) out of the way, to
+        ``<directory>-unreadable/<step>-<time>``, where it is kept for inspection; returns
+        that path. The step can then be saved again."""
+        step = int(step)
+        self._check_exists(step)
+        self.wait()
+        aside_dir = self.directory.with_name(self.directory.name + "-unreadable")
+        aside_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = aside_dir / f"{step}-{stamp}"
+        n = 0
+        while target.exists():
+            n += 1
+            target = aside_dir / f"{step}-{stamp}-{n}"
+        self.step_path(step).rename(target)
+        self._manager.reload()
+        return target
 
     # ------------------------------------------------------------------ save
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmtl.checkpoint import Checkpointer
+from jaxmtl.checkpoint import Checkpointer, CheckpointReadError
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -218,6 +218,59 @@ def _check_state_finite(state, done: int) -> None:
         )
 
 
+# --------------------------------------------------------------------------- resuming
+
+
+def _restore_newest_readable(
+    ckpt: Checkpointer, state, identity: dict, steps: int
+) -> tuple[Any, int | None]:
+    """``(state, step)`` of the newest checkpoint that can be read, ``(None, None)`` if none.
+
+    An unreadable checkpoint is reported on stderr and moved aside (kept, under
+    ``checkpoints-unreadable/``; :meth:`Checkpointer.set_aside`), and the previous one is
+    tried. A readable checkpoint of another run (seed, batch size, data size) or beyond
+    ``steps`` raises ``ValueError``.
+    """
+    skipped = False
+    for step in reversed(ckpt.all_steps()):
+        path = ckpt.step_path(step)
+        try:
+            stored = ckpt.metadata(step)
+            differ = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
+            if differ:
+                raise ValueError(
+                    f"cannot resume from {path}: it was trained with a different "
+                    + ", ".join(f"{k} (stored {a}, now {b})" for k, (a, b) in differ.items())
+                    + "; use another run_dir"
+                )
+            if step > steps:
+                raise ValueError(
+                    f"{path} is at step {step}, beyond steps={steps}; "
+                    "use another run_dir or more steps"
+                )
+            restored = ckpt.restore(step, state)
+        except CheckpointReadError as error:
+            cause = error.__cause__ or error
+            kept = ckpt.set_aside(step)
+            print(
+                f"jaxmtl.train.fit: cannot read the checkpoint at {path} (step {step}; "
+                f"{type(cause).__name__}: {str(cause)[:300]}); kept it at {kept}, "
+                "trying the previous one",
+                file=sys.stderr,
+                flush=True,
+            )
+            skipped = True
+            continue
+        if skipped:
+            print(f"jaxmtl.train.fit: resuming from step {step} ({path})", file=sys.stderr)
+        return restored, step
+    if skipped:
+        print(
+            "jaxmtl.train.fit: no readable checkpoint left; starting from step 0", file=sys.stderr
+        )
+    return None, None
+
+
 # --------------------------------------------------------------------------- metrics file
 
 
@@ -225,23 +278,17 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     """The entries of ``metrics.jsonl`` with ``step <= upto``; rewrites the file without the
     later ones (written after the checkpoint that the run resumes from, about to be redone).
     Lines without a ``step`` are kept in the file but are not history."""
+    from jaxmtl.experiment import read_jsonl  # drops a last line cut by a crash
+
     if not path.exists():
         return []
     kept, history = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path}, line {number}: not JSON ({error}); fix or move it"
-            ) from error
+    for entry in read_jsonl(path):
         if isinstance(entry, dict) and isinstance(entry.get("step"), int):
             if entry["step"] > upto:
                 continue
             history.append(entry)
-        kept.append(line)
+        kept.append(json.dumps(entry))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -379,7 +426,7 @@ def fit(
         steps and at the end; its keys must differ from the train metrics'.
       eval_every: 0 evaluates at the end only.
       run_dir: where to write ``metrics.jsonl`` (one JSON line per history entry) and orbax
-        checkpoints (``run_dir/checkpoints``, at most ``max_to_keep``). If it holds a
+        checkpoints (``run_dir/checkpoints``, at most ``max_to_keep``, at least 2). If it holds a
         checkpoint, the run resumes from the latest one (same ``seed``, ``batch_size`` and
         number of training examples required) and the history up to it is read back; lines
         of ``metrics.jsonl`` with a later ``step`` are dropped (they are redone). One training
@@ -409,8 +456,10 @@ def fit(
         inside the jitted step (a sticky "first bad step" flag), so no host sync is added:
         it is *read* at the next log, eval or checkpoint boundary, always before anything is
         saved; the last good checkpoint is kept and no bad state is ever written.
-      CheckpointReadError: the latest checkpoint in ``run_dir`` cannot be read (it is left
-        as is).
+
+    An unreadable checkpoint in ``run_dir`` (a crash while writing, a damaged disk) does not
+    stop the run: it is reported on stderr, moved to ``run_dir/checkpoints-unreadable/``
+    (kept), and the run resumes from the newest one that can be read (from step 0 if none).
     """
     from jaxmtl.data import batch_at  # imported here: the data package loads its loaders
 
@@ -450,7 +499,8 @@ def fit(
     ckpt = None
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
-        ckpt = Checkpointer(run_path / "checkpoints", max_to_keep=max_to_keep)
+        # At least two: the previous checkpoint is the fallback for an unreadable latest one.
+        ckpt = Checkpointer(run_path / "checkpoints", max_to_keep=max(2, max_to_keep))
     try:
         return _fit(
             state,
@@ -505,22 +555,11 @@ def _fit(
             return parallel.shard_batch(unsharded_batch_at(*args, **kwargs), mesh)
 
     identity = {"seed": seed, "batch_size": batch_size, "num_examples": num_examples}
-    restored = None if ckpt is None else ckpt.latest_step()
+    restored = None
+    if ckpt is not None:
+        restored_state, restored = _restore_newest_readable(ckpt, state, identity, steps)
     if restored is not None:
-        stored = ckpt.metadata(restored)
-        differ = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
-        if differ:
-            raise ValueError(
-                f"cannot resume from {ckpt.step_path(restored)}: it was trained with a different "
-                + ", ".join(f"{k} (stored {a}, now {b})" for k, (a, b) in differ.items())
-                + "; use another run_dir"
-            )
-        if restored > steps:
-            raise ValueError(
-                f"{ckpt.step_path(restored)} is at step {restored}, beyond steps={steps}; "
-                "use another run_dir or more steps"
-            )
-        state = ckpt.restore(restored, state)
+        state = restored_state
     else:
         # A private copy, donated to the jitted step: the caller's arrays stay valid.
         state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
