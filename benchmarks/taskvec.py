@@ -8,9 +8,14 @@ load changes on a shared machine); the non-linear disentanglement map is timed s
 
 * ``linearized FT step / FT step``: one AdamW step through ``jaxmtl.taskvec.linearize`` (a
   JVP at theta_0, transposed by ``jax.grad``) vs one ordinary step. Counted matmul cost per
-  dense layer, in forward-pass units: ordinary step 1 (forward) + 2 (backward); linearized
-  step 1 (primal) + 2 (tangent: ``h dW`` and ``dh W``) + 2 (transpose: ``h^T g`` and
-  ``g W^T``); the first layer has no ``dh`` terms. Target <= 1.5x time.
+  dense layer, in forward-pass units: ordinary step 1 (forward) + 2 (backward: ``h^T g``
+  and ``g W^T``); linearized step 1 (primal) + 2 (tangent: ``h dW`` and ``dh W``) + 2
+  (transpose: ``h^T g`` and ``g W^T``). The first layer has no ``dh`` (tangent) and no
+  ``g W^T`` (either step) term, so with ``s`` its share of the forward matmuls the ratio is
+  ``(5 - 2 s) / (3 - s)``: 1.65 for this MLP (``s = 16/98``; 1.63 for the experiment's
+  256-512-512-128, ``s = 0.29``), between 5/3 and 3/2 for any depth. Target <= 1.8x time
+  (the counted 1.65 plus 10% for the elementwise and optimizer work; the paper's 2-3x is a
+  ViT with attention). The earlier 1.5x target was below the count.
 * ``alpha sweep (31) / one evaluation``: accuracies of ``theta_0 + alpha sum_t tau_t``
   (4 task vectors) at 31 alphas through the cached form (one primal pass, one JVP of the
   summed vector, 31 linear combinations and head evaluations) vs one evaluation of the
@@ -191,7 +196,7 @@ def measure(repeats: int) -> list[dict]:
     # lax.map loop whose body XLA counts once, so its FLOPs come from the unchunked program
     cases = {
         "FT step (AdamW)": (ft_step, step_args, ft_step, "FT step (AdamW)", ""),
-        "linearized FT step": (lin_step, step_args, lin_step, "FT step (AdamW)", "<= 1.5"),
+        "linearized FT step": (lin_step, step_args, lin_step, "FT step (AdamW)", "<= 1.8"),
         "one evaluation (linearized)": (
             jax.jit(one_evaluation),
             (params, params0, head, x, y),

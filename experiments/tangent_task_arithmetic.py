@@ -867,9 +867,11 @@ def kernel_analysis(
 
     On ``kernel_examples`` validation inputs per task (``N = T k``):
 
-    * per-example loss-gradient cosines ``cos(g_n, g_m)``, ``g_n = d loss_n / d theta`` at
-      theta_0: their mean across tasks over their mean within a task (off the diagonal);
-      1 = no task structure, 0 = gradients of different tasks orthogonal;
+    * loss-gradient cosines at theta_0 between batch gradients (the mean of
+      ``g_n = d loss_n / d theta`` over each half of a task's examples): their mean across
+      tasks over their mean within a task (the two halves of one task); 1 = no task
+      structure, 0 = gradients of different tasks orthogonal (``cosines`` keeps the
+      per-example matrix for the figure);
     * the empirical NTK ``k(x_n, x_m) = <J_n r_n, J_m r_m>`` of the logits projected on a
       fixed Gaussian direction ``r_n`` per example (zero on padded classes; in expectation
       the trace kernel ``tr J_n J_m^T``, at ``N`` Jacobian rows instead of ``N C``), its top
@@ -891,9 +893,19 @@ def kernel_analysis(
         ntk = ntk_fn(params0, inputs)
     norms = np.sqrt(np.clip(np.diag(gram), 1e-30, None))
     cos = gram / np.outer(norms, norms)
-    same = ids[:, None] == ids[None, :]
-    off = ~np.eye(len(ids), dtype=bool)
-    within, across = float(cos[same & off].mean()), float(cos[~same].mean())
+    # batch gradients: the mean gradient of each half of a task's examples; their inner
+    # products are block means of the per-example Gram matrix
+    halves = np.repeat(np.arange(2 * num), (k + 1) // 2)[: len(ids)] if k > 1 else ids
+    groups = int(halves.max()) + 1
+    onehot = np.eye(groups)[halves] / np.bincount(halves, minlength=groups)[None, :]
+    block = onehot.T @ gram @ onehot
+    bnorm = np.sqrt(np.clip(np.diag(block), 1e-30, None))
+    bcos = block / np.outer(bnorm, bnorm)
+    task_of = np.arange(groups) // 2 if k > 1 else np.arange(groups)
+    same = task_of[:, None] == task_of[None, :]
+    off = ~np.eye(groups, dtype=bool)
+    within = float(bcos[same & off].mean()) if (same & off).any() else float("nan")
+    across = float(bcos[~same].mean())
     top = min(config.kernel_eigenvectors, len(ids))
     values, mass = eigenfunction_localization(ntk, jnp.asarray(ids), num, top=top)
     mass = np.asarray(mass)
@@ -930,6 +942,12 @@ def evaluate_seed(
     test = [(task_inputs(t.test["x"], i, heads), t.test["y"]) for i, t in enumerate(tasks)]
     stacked = {kind: tv.stack(vs) for kind, vs in vectors.items()}
     out: dict[str, Any] = {"tasks": names}
+    clock = {"last": time.perf_counter()}
+    timing: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timing[stage], clock["last"] = now - clock["last"], now
 
     # Single-task accuracies: theta_0 and theta_0 + tau_t on task t (coefficients 0 and 1).
     single: dict[str, dict[str, list[float]]] = {}
@@ -980,6 +998,7 @@ def evaluate_seed(
             "curve_normalized": _floats(res.validation_normalized.mean(axis=1)),
         }
     out["addition"] = addition
+    lap("single+addition")
 
     # Task negation: forget task t, control = all other tasks (their mean accuracy).
     negation = {}
@@ -1027,6 +1046,7 @@ def evaluate_seed(
             "curve_control": _floats(np.mean([r.validation_control for r in rows], axis=0)),
         }
     out["negation"] = negation
+    lap("negation")
 
     # Weight disentanglement error of every pair (cached JVPs for the linearized model).
     pairs = list(itertools.combinations(range(num), 2))
@@ -1098,6 +1118,7 @@ def evaluate_seed(
         **disentanglement,
     }
 
+    lap("disentanglement")
     # Locality of each task vector (alpha = 1): predictions it flips on the other tasks'
     # inputs over those it flips on its own task's (1 = no localization, 0 = local).
     locality = {}
@@ -1106,6 +1127,7 @@ def evaluate_seed(
     for method, (kind, mode) in METHODS.items():
         own, cross = [], []
         for t in range(num):
+            # coefficients (0, 1) as for the single-task accuracies: the same compiled sweep
             rates = [
                 1.0
                 - float(
@@ -1113,11 +1135,11 @@ def evaluate_seed(
                         logits_fn,
                         params0,
                         [vectors[kind][t]],
-                        jnp.ones(1),
+                        jnp.array([0.0, 1.0]),
                         test[s][0],
                         jnp.asarray(reference[s]),
                         mode=mode,
-                    )[0]
+                    )[1]
                 )
                 for s in range(num)
             ]
@@ -1129,7 +1151,9 @@ def evaluate_seed(
             "ratio": float(np.mean(cross) / max(np.mean(own), 1e-9)),
         }
     out["locality"] = locality
+    lap("locality")
     out["kernel"] = kernel_analysis(config, tasks, logits_fn, params0, heads, seed)
+    lap("kernel")
 
     # aTLAS: per-block coefficients learned on the validation sets vs the isotropic alpha.
     pool = _pool(tasks, "validation")
@@ -1157,7 +1181,11 @@ def evaluate_seed(
         # the composed edit is itself a task vector, evaluated like any other
         edit = tv.task_vector(tv.atlas_apply(params0, stacked[kind], coefficients), params0)
         accs = [
-            float(_edit_accuracies(logits_fn, params0, [edit], jnp.ones(1), x, y, mode=mode)[0])
+            float(
+                _edit_accuracies(
+                    logits_fn, params0, [edit], jnp.array([0.0, 1.0]), x, y, mode=mode
+                )[1]
+            )
             for x, y in test
         ]
         atlas[method] = {
@@ -1168,6 +1196,8 @@ def evaluate_seed(
             "mean_coefficient": float(np.mean(jax.tree.leaves(coefficients))),
         }
     out["atlas"] = atlas
+    lap("atlas")
+    out["eval_stage_seconds"] = timing
     return out
 
 

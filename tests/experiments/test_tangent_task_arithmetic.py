@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from experiments import tangent_task_arithmetic as tta
 from jaxmtl import data as jdata
+from jaxmtl import train as jtrain
 
 
 def _one(root, name):
@@ -35,7 +36,10 @@ def test_common_format():
 
 def test_prepare_tasks_splits():
     config = tta.Config(
-        smoke=True, tasks=("digits", "shapes:shape"), pretrain_tasks=("shapes:scale",)
+        smoke=True,
+        tasks=("digits", "shapes:shape"),
+        pretrain_data="tasks",
+        pretrain_tasks=("shapes:scale",),
     ).effective()
     (digits, shape), (scale,) = tta.prepare_tasks(config)
     # a source used only for evaluation fine-tunes on its whole training split ...
@@ -46,17 +50,46 @@ def test_prepare_tasks_splits():
     assert not any(row.tobytes() in seen for row in shape.train["x"])
     for task in (digits, shape):
         assert task.validation["x"].shape == (config.eval_examples, 16, 16)
-        assert task.test["x"].shape == (config.eval_examples, 16, 16)
+        assert task.test["x"].shape == (config.test_examples, 16, 16)
         assert task.train["y"].max() < task.num_classes
 
 
-def test_tangent_task_arithmetic_smoke(tmp_path):
+def test_glyph_pretraining_keeps_every_training_split():
+    config = tta.Config(smoke=True, tasks=("digits", "photos")).effective()
+    tasks, (glyphs,) = tta.prepare_tasks(config)
+    assert glyphs.name == "glyphs" and glyphs.num_classes == len(jdata.GLYPH_CLASSES)
+    assert glyphs.pretrain["x"].shape[1:] == (16, 16) and len(glyphs.pretrain["y"]) > 0
+    for task in tasks:  # no evaluated task gives up training data (or labels) to theta_0
+        assert len(task.pretrain["y"]) == 0
+    assert {tuple(t.train["x"].shape[1:]) for t in tasks} == {(16, 16)}
+
+
+def test_the_default_design_and_its_options():
+    config = tta.Config()
+    assert config.tasks == ("digits", "textures", "mnist1d", "shapes:shape", "photos")
+    assert config.pretrain_data == "glyphs" and config.norm == "layernorm"
+    assert config.activation == "gelu" and config.standardize and config.hidden == (512, 512)
+    assert len(config.seeds) == 5 and config.test_examples == 512
+    x = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32) * 5 + 2
+    z = np.asarray(tta.standardize(x))
+    np.testing.assert_allclose(z.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(1, 2)), 1.0, atol=1e-3)
+    with pytest.raises(ValueError, match="pretrain_data"):
+        tta.Config(pretrain_data="imagenet").effective()
+    with pytest.raises(ValueError, match="activation"):
+        tta.Config(activation="tanh").effective()
+
+
+def test_tangent_task_arithmetic_smoke(tmp_path, monkeypatch):
+    built = []
+    make_steps = tta.make_steps
+    monkeypatch.setattr(tta, "make_steps", lambda *a: built.append(make_steps(*a)) or built[-1])
     config = tta.Config(smoke=True, out_dir=str(tmp_path / "tta"))
     results = tta.run(config)
 
     for name in ("config.json", "metrics.jsonl", "results.json", "summary.md"):
         assert _one(tmp_path, name).stat().st_size > 0
-    for name in ("alpha_curves.png", "disentanglement.png"):
+    for name in ("alpha_curves.png", "disentanglement.png", "kernel.png"):
         assert _one(tmp_path, name).stat().st_size > 0
     stored = json.loads(_one(tmp_path, "results.json").read_text())
     expected = {"tasks", "single", "addition", "negation", "disentanglement", "atlas", "claims"}
@@ -93,6 +126,25 @@ def test_tangent_task_arithmetic_smoke(tmp_path):
         )
     for method in ("nonlinear", "linear"):
         assert _in_unit(results["atlas"][method]["absolute"]), method
+    for method in ("nonlinear", "linear", "posthoc"):
+        dis = results["disentanglement"][method]
+        assert all(0.0 <= v <= 2.0 for v in dis["mean_box"]), method
+        assert all(0.0 <= v <= 1.0 for v in dis["deployed_flips"]), method
+        loc = results["locality"][method]
+        assert _in_unit(loc["own"] + loc["cross"]) and all(v >= 0 for v in loc["ratio"])
+    kernel = results["kernel"]
+    assert all(-1.0 <= v <= 1.0 for v in kernel["gradient_cosine_within"])
+    mass = np.asarray(kernel["eigen_mass"][0])
+    assert mass.shape == (effective.kernel_eigenvectors, num_tasks)
+    np.testing.assert_allclose(mass.sum(axis=1), 1.0, atol=1e-4)
+    assert all(1.0 / num_tasks - 1e-6 <= v <= 1.0 + 1e-6 for v in kernel["localization"])
+    assert results["commit"] and results["command"].startswith(
+        "python -m experiments.tangent_task_arithmetic"
+    )
+    # one jitted step per fine-tuning mode, reused by every task's cell
+    (steps,) = built
+    for mode in ("nonlinear", "linear"):
+        assert len(jtrain._STEP_CACHE[steps.finetune[mode]]) == 1, mode
     assert all(math.isfinite(v) for v in results["nonlinear_advantage"])
     assert all(isinstance(c, str) and c for c in results["claims"])
     summary = _one(tmp_path, "summary.md").read_text()
@@ -111,12 +163,15 @@ def test_tangent_task_arithmetic_smoke(tmp_path):
 
 def test_tfds_tasks_with_mock_data(tmp_path):
     config = tta.Config(
-        smoke=True, data="tfds", tfds_names=("mnist", "eurosat/rgb"), rgb=True
+        smoke=True,
+        data="tfds",
+        tfds_names=("mnist", "eurosat/rgb"),
+        rgb=True,
+        pretrain_data="tasks",
     ).effective()
     assert config.tasks == ("mnist", "eurosat/rgb") and config.tfds_limit == 500
     assert len(tta.Config().tfds_names) == 7 and "gtsrb" not in tta.Config().tfds_names
     # the offline default's cache key is untouched by the tfds fields; the tfds one differs
-    assert tta._cache_key(tta.Config().effective()) == "8322207636fb"
     assert tta._cache_key(config) != tta._cache_key(dataclasses.replace(config, data="offline"))
     with tfds.testing.mock_data(num_examples=60):
         tasks, pretrain_tasks = tta.prepare_tasks(
@@ -178,3 +233,31 @@ def test_tfds_missing_data_fails_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "tta").exists()  # no run directory either
     with pytest.raises(ValueError, match="data: expected 'offline' or 'tfds'"):
         tta.Config(data="imagenet").effective()
+
+
+def test_ablation_table():
+    row = {
+        "theta_0": 45.0,
+        "ft": (60.0, 58.0),
+        "addition": (85.0, 77.0),
+        "negation": (20.0, 27.0),
+        "xi": (0.39, 0.48),
+        "locality": (0.7, 0.6),
+        "cosine_ratio": 0.5,
+        "localization": 0.8,
+    }
+    assert len(tta.ABLATION) == 8 and tta.ABLATION[0] == (
+        "glyphs",
+        "layernorm+gelu",
+        "standardized",
+    )
+    text = tta.ablation_markdown([(tta.ABLATION[0], row)], seed=0)
+    assert "85.0 vs 77.0 ✓" in text and "0.70 vs 0.60 |" in text and "3/4" in text
+    sub = tta._ablation_config(tta.Config(out_dir="runs/x"), "tasks", "relu", "raw")
+    assert (sub.pretrain_data, sub.activation, sub.norm, sub.standardize) == (
+        "tasks",
+        "relu",
+        None,
+        False,
+    )
+    assert sub.seeds == (0,) and not sub.ablation and sub.out_dir.endswith("tasks-relu-raw")
