@@ -437,9 +437,27 @@ def _ascend(params, e, batch, weights, rho):
 
 
 def load_dataset(name: str, smoke: bool) -> Any:
-    """A jaxmtl.data multi-task data set by name (smaller in smoke mode)."""
-    loader = getattr(jdata, name)
+    """A jaxmtl.data multi-task data set by name."""
+    loader = getattr(jdata, name, None)
+    if loader is None or not callable(loader):
+        raise ValueError(f"datasets: expected names of jaxmtl.data loaders, got {name!r}")
     return loader()
+
+
+def _check_config(config: Config) -> None:
+    """Names and sizes, checked before the run directory is created."""
+    unknown = [a for a in (*config.aggregators, *config.direct) if not hasattr(jtx, a)]
+    if unknown:
+        raise ValueError(f"aggregators: expected jaxmtl.transforms names, got {unknown}")
+    missing = [a for a in config.direct if a not in config.aggregators]
+    if missing:
+        raise ValueError(
+            f"direct: expected a subset of aggregators {config.aggregators}, got {missing}"
+        )
+    if not config.seeds or not config.datasets:
+        raise ValueError(
+            f"seeds and datasets: expected non-empty, got {config.seeds}, {config.datasets}"
+        )
 
 
 def run_cell(method: Method, dataset: Any, seed: int, config: Config, log) -> dict:
@@ -485,17 +503,18 @@ def run_cell(method: Method, dataset: Any, seed: int, config: Config, log) -> di
 
 
 def _stamp(config: Config) -> str:
-    fields = {k: v for k, v in jexp.config_dict(config).items() if k != "resume"}
-    return json.dumps(fields, sort_keys=True)
+    return jexp.config_stamp(config)  # without out_dir / resume: a moved run resumes
 
 
 def _load_cells(path: Path, stamp: str) -> dict[tuple, dict]:
+    """The finished cells stored in ``path`` under ``stamp`` (a line cut by a crash is
+    dropped, so that cell is redone; see ``jaxmtl.experiment.read_jsonl``)."""
     cells = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("stamp") == stamp:
-                cells[tuple(record["key"])] = record["result"]
+    for number, record in enumerate(jexp.read_jsonl(path), 1):
+        if not (isinstance(record, dict) and {"key", "stamp", "result"} <= set(record)):
+            raise ValueError(f"{path}, record {number}: expected key, stamp and result")
+        if record["stamp"] == stamp:
+            cells[tuple(record["key"])] = record["result"]
     return cells
 
 
@@ -675,50 +694,80 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
             rows.append(entry)
         lines += [jexp.markdown_table(rows), ""]
     lines += ["## Paper claims", ""]
+    if config.smoke:
+        lines += ["Not checked in a smoke run (a few steps: the numbers are not results).", ""]
+        return "\n".join(lines)
     lines += [f"- {c}" for c in results["claims"]]
     lines.append("")
     return "\n".join(lines)
 
 
+_FAMILIES = {  # method-name prefix -> (legend label, colour); the rest are plain aggregators
+    "F-": ("F-MTL (flat regions)", "tab:orange"),
+    "Rep": ("Rep-MTL", "tab:green"),
+    "STL": ("single-task (baseline)", "tab:gray"),
+}
+
+
+def _family(name: str) -> tuple[str, str]:
+    for prefix, family in _FAMILIES.items():
+        if name.startswith(prefix):
+            return family
+    return ("plain aggregator", "tab:blue")
+
+
 def plot(results: dict, run_dir: Any) -> None:
-    """Average test accuracy and Delta_p_task per method (mean ± std), one row per data set."""
+    """Average test accuracy (points, mean ± std over seeds: the axis is zoomed, so no bars)
+    and Delta_p_task against STL (bars from 0) per method, one row per data set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     datasets = results["datasets"]
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 3.8 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.4 * len(datasets)), squeeze=False)
     for (name, ds), (ax_acc, ax_delta) in zip(datasets.items(), axes, strict=True):
         names = list(ds["methods"])
-        colors = [
-            "tab:orange"
-            if n.startswith("F-")
-            else "tab:green"
-            if n.startswith("Rep")
-            else "tab:gray"
-            if n == "STL"
-            else "tab:blue"
-            for n in names
-        ]
-        for ax, key, scale, label in (
-            (ax_acc, "avg_acc", 100.0, "average test accuracy (%)"),
-            (ax_delta, "delta_p", 1.0, "Delta_p_task vs STL (%, higher better)"),
-        ):
-            rows = [ds["methods"][n] for n in names]
-            means = [scale * _mean(r, key) if key in r else np.nan for r in rows]
-            stds = [scale * _std(r, key) if key in r else 0.0 for r in rows]
-            ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
-            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-            ax.set(ylabel=label, title=name)
-            if key == "avg_acc":
-                finite = [m for m in means if np.isfinite(m)]
-                ax.set_ylim(
-                    min(finite) - 3 * max([*stds, 0.5]), max(finite) + 3 * max([*stds, 0.5])
-                )
-            else:
-                ax.axhline(0.0, color="black", linewidth=0.8)
-    fig.tight_layout()
+        rows = [ds["methods"][n] for n in names]
+        colors = [_family(n)[1] for n in names]
+        x = np.arange(len(names))
+        means = [100 * _mean(r, "avg_acc") for r in rows]
+        stds = [100 * _std(r, "avg_acc") for r in rows]
+        for xi, m, sd, c in zip(x, means, stds, colors, strict=True):
+            ax_acc.errorbar(xi, m, yerr=sd, fmt="o", color=c, capsize=4, markersize=7)
+        if "STL" in ds["methods"]:
+            ax_acc.axhline(means[names.index("STL")], color="tab:gray", ls="--", lw=0.8)
+        low = min(m - sd for m, sd in zip(means, stds, strict=True))
+        high = max(m + sd for m, sd in zip(means, stds, strict=True))
+        pad = max(0.5, 0.15 * (high - low))
+        ax_acc.set_ylim(low - pad, high + pad)
+        ax_acc.set(
+            ylabel="average test accuracy (%)",
+            title=f"{name}: accuracy (mean ± std over seeds; zoomed axis)",
+        )
+        deltas = [_mean(r, "delta_p") if "delta_p" in r else np.nan for r in rows]
+        delta_stds = [_std(r, "delta_p") if "delta_p" in r else 0.0 for r in rows]
+        ax_delta.bar(x, deltas, yerr=delta_stds, color=colors, capsize=3)
+        ax_delta.axhline(0.0, color="black", linewidth=0.8)
+        ax_delta.set(
+            ylabel="Delta_p_task vs STL (%)",
+            title=f"{name}: Delta_p_task against STL (higher is better; STL = 0)",
+        )
+        for ax in (ax_acc, ax_delta):
+            ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel("method")
+            ax.grid(axis="y", alpha=0.3)
+    legend = {
+        label: color for label, color in map(_family, next(iter(datasets.values()))["methods"])
+    }
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=lbl) for lbl, c in legend.items()]
+    axes[0][0].legend(handles=handles, loc="best", fontsize=8)
+    title = "F-MTL and Rep-MTL against gradient aggregators"
+    if results.get("smoke"):
+        title += " (smoke run: numbers are not results)"
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     run_dir.savefig(fig, NAME)
 
 
@@ -726,17 +775,18 @@ def run(config: Config) -> dict:
     """Runs every (data set, method, seed) cell, writes the run directory, returns results."""
     start = time.perf_counter()
     effective = config.effective()
+    _check_config(effective)
+    # The data first: a misspelled data set fails before the run directory exists.
+    loaded = {name: load_dataset(name, effective.smoke) for name in effective.datasets}
     run_dir = jexp.RunDir(effective.out_dir, config)
     cells_path = Path(run_dir.path) / "cells.jsonl"
     stamp = _stamp(effective)
     cells = _load_cells(cells_path, stamp)
-    results: dict[str, Any] = {"datasets": {}}
+    results: dict[str, Any] = {"datasets": {}, "smoke": effective.smoke}
     from tqdm.auto import tqdm
 
     plan = []
-    loaded = {}
     for name in effective.datasets:
-        loaded[name] = load_dataset(name, effective.smoke)
         ms = methods(effective, len(loaded[name].num_classes))
         plan += [(name, m, s) for m in ms for s in effective.seeds]
     for name, method, seed in tqdm(plan, desc=NAME, disable=effective.smoke):

@@ -63,3 +63,20 @@ def test_multitask_flat_smoke(tmp_path):
     again = multitask_flat.run(dataclasses.replace(config, resume="latest"))
     assert _one(tmp_path, "cells.jsonl").read_text().splitlines() == cells
     assert again["datasets"] == json.loads(json.dumps(results["datasets"]))
+
+
+def test_cells_file_cut_by_a_crash_and_a_corrupt_line(tmp_path):
+    path = tmp_path / "cells.jsonl"
+    good = json.dumps({"key": ["d", "EW", 0], "stamp": "s", "result": {"acc": [0.5]}})
+    path.write_text(good + "\n" + good.replace('"EW"', '"MGDA"')[:25])  # crash mid-write
+    assert multitask_flat._load_cells(path, "s") == {("d", "EW", 0): {"acc": [0.5]}}
+    assert path.read_text() == good + "\n"  # the cut line is gone: that cell is redone
+    path.write_text(good + "\n{oops\n" + good + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 2"):
+        multitask_flat._load_cells(path, "s")
+
+
+def test_stamp_ignores_location_fields():
+    config = multitask_flat.Config(smoke=True)
+    moved = dataclasses.replace(config, out_dir="elsewhere", resume="latest")
+    assert multitask_flat._stamp(config) == multitask_flat._stamp(moved)
