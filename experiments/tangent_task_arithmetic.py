@@ -126,8 +126,8 @@ class Config:
     """Tangent task arithmetic settings; the defaults run in minutes on 2 CPU cores."""
 
     smoke: bool = False  # tiny data and a few steps, for tests (seconds)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    out_dir: str = "runs/tangent_task_arithmetic"
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # one theta_0 and fine-tuning run per seed
+    out_dir: str = "runs/tangent_task_arithmetic"  # runs are written under it (and a cache/)
     resume: str | None = None  # "latest" or a run directory: finished cells are not redone
     # the ablation instead of the main run: (pre-training glyphs | tasks) x (MLP relu |
     # layernorm + gelu) x (inputs raw | standardized), first seed only; writes ablation.md
@@ -161,32 +161,34 @@ class Config:
     # share of a pre-training source's train split it uses (pretrain_data="tasks")
     pretrain_fraction: float = 0.3
     pretrain_steps: int = 1500  # 0: theta_0 is the random initialization
-    pretrain_lr: float = 1e-3
-    probe_steps: int = 500
+    pretrain_lr: float = 1e-3  # Adam, warm-up + cosine
+    probe_steps: int = 500  # the frozen linear heads: Adam steps on theta_0's features
     probe_lr: float = 1e-2
-    finetune_steps: int = 300
-    finetune_lr: float = 3e-4
-    warmup_steps: int = 30
-    clip_norm: float = 1.0
-    batch_size: int = 128
+    finetune_steps: int = 300  # per task and mode (non-linear and linearized: one recipe)
+    finetune_lr: float = 3e-4  # Adam peak learning rate, warm-up + cosine decay
+    warmup_steps: int = 30  # linear warm-up steps of every schedule
+    clip_norm: float = 1.0  # global gradient-norm clipping of every optimizer
+    batch_size: int = 128  # pre-training and fine-tuning batch (probes: 4x)
     eval_examples: int = 256  # per task, from its validation split (alpha, aTLAS, xi)
     test_examples: int = 512  # per task, from its test split (every reported accuracy)
-    addition_alphas: tuple[float, float, int] = (0.0, 1.0, 21)  # linspace(start, stop, num)
-    negation_alphas: tuple[float, float, int] = (0.0, 2.0, 21)
+    # the shared addition coefficient: linspace(start, stop, num), chosen on validation
+    addition_alphas: tuple[float, float, int] = (0.0, 1.0, 21)
+    negation_alphas: tuple[float, float, int] = (0.0, 2.0, 21)  # theta_0 - alpha tau, linspace
     negation_threshold: float = 0.95  # control accuracy kept, relative to theta_0
     # xi of every pair on this grid (its [-1, 1]^2 points are the box)
     disentangle_alphas: tuple[float, float, int] = (-2.0, 2.0, 9)
     disentangle_examples: int = 128  # per task
     heatmap_alphas: tuple[float, float, int] = (-2.0, 2.0, 17)  # the finer heat-map grid
+    # task pairs drawn as xi heat maps (disentanglement.png)
     heatmap_pairs: tuple[tuple[str, str], ...] = (
         ("digits", "textures"),
         ("mnist1d", "shapes:shape"),
     )
     kernel_examples: int = 32  # per task, for the empirical NTK and the gradient cosines
     kernel_eigenvectors: int = 10  # top NTK eigenvectors whose task mass is reported
-    atlas_steps: int = 300
-    atlas_lr: float = 1e-2
-    atlas_batch: int = 256
+    atlas_steps: int = 300  # aTLAS: AdamW steps fitting the per-block coefficients
+    atlas_lr: float = 1e-2  # aTLAS learning rate (weight decay 0.1, clipping 1.0)
+    atlas_batch: int = 256  # aTLAS batch of the pooled validation sets
     mesh: str = ""  # e.g. "data=4": jaxmtl.parallel.make_mesh; training batches split over data
 
     def effective(self) -> Config:
@@ -1898,8 +1900,14 @@ def _commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+PROG = "python -m experiments.tangent_task_arithmetic"
+
+
 def _command() -> str:
-    return " ".join(["python -m experiments.tangent_task_arithmetic", *sys.argv[1:]]).strip()
+    """The command line of this run (from :func:`main`), else how it was called."""
+    if sys.argv and sys.argv[0] == PROG:
+        return " ".join([PROG, *sys.argv[1:]])
+    return "experiments.tangent_task_arithmetic.run(config) (the config: config.json)"
 
 
 def run(config: Config) -> dict:
@@ -2060,6 +2068,8 @@ def run_ablation(config: Config) -> dict:
 
 
 def main() -> None:
+    """``python -m experiments.tangent_task_arithmetic [OPTIONS]`` (``--help`` lists them)."""
+    sys.argv[0] = PROG  # the usage line of --help, and the command in summary.md
     jexp.cli(Config, run)
 
 
