@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +72,7 @@ class Config:
     smoke: bool = False  # a few training steps, for tests (seconds)
     seeds: tuple[int, ...] = (0, 1, 2)
     out_dir: str = "runs/loss_zoo"
+    resume: str | None = None  # "latest" or a run directory: finished parts are not redone
     hidden: int = 128
     learning_rate: float = 1e-3
     batch_size: int = 128
@@ -699,11 +699,26 @@ def claims(results: dict, config: Config) -> list[dict[str, str]]:
     return out
 
 
+def _claims_lines(results: dict, config: Config) -> list[str]:
+    if config.smoke:
+        return ["Not checked in a smoke run (a few steps: the numbers are not results).", ""]
+    return [
+        "'yes': the difference of means exceeds its standard error over seeds; 'no': it is "
+        "that large the other way; 'within noise': neither.",
+        "",
+        jexp.markdown_table(
+            [
+                {"paper": c["paper"], "claim": c["claim"], "reproduced": c["reproduced"]}
+                for c in results["claims"]
+            ]
+        ),
+        "",
+    ]
+
+
 def summary_markdown(results: dict, config: Config, seconds: float) -> str:
     n = len(config.seeds)
     lines = [f"# Loss zoo on digits ({n} seed{'s' if n > 1 else ''}, mean ± std)", ""]
-    if config.smoke:
-        lines += ["**Smoke run**: a few steps only; the numbers are not meaningful.", ""]
     lines += [
         "## (a) Symmetric label noise: test accuracy (%)",
         "",
@@ -756,16 +771,7 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
         "",
         "## Paper claims at this scale",
         "",
-        "'yes': the difference of means exceeds its standard error over seeds; 'no': it is "
-        "that large the other way; 'within noise': neither.",
-        "",
-        jexp.markdown_table(
-            [
-                {"paper": c["paper"], "claim": c["claim"], "reproduced": c["reproduced"]}
-                for c in results["claims"]
-            ]
-        ),
-        "",
+        *_claims_lines(results, config),
         f"Wall time {seconds:.0f} s. Command: `python -m experiments.loss_zoo"
         f"{' --smoke' if config.smoke else ''}`.",
         "",
@@ -773,49 +779,87 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, config: Config, path: Path) -> None:
+def plot(results: dict, config: Config, run_dir: jexp.RunDir) -> Path:
+    """Writes loss_zoo.png (:func:`figure`) into the run directory; returns its path."""
+    return run_dir.savefig(figure(results, config), NAME)
+
+
+def _mean_std_pct(values: list[float]) -> tuple[float, float]:
+    mean, std = jexp.mean_std([100 * v for v in values])
+    return mean, std
+
+
+def _barh(ax, names: list[str], values: list[list[float]], xlabel: str, title: str) -> None:
+    """Horizontal bars (mean ± std over seeds, %): long method names stay readable."""
+    stats = [_mean_std_pct(v) for v in values]
+    y = np.arange(len(names))
+    ax.barh(y, [m for m, _ in stats], xerr=[s for _, s in stats], capsize=3, color="tab:blue")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()  # first entry on top, as in the tables
+    ax.set_xlim(0, 100)
+    ax.set(xlabel=xlabel, title=title)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def figure(results: dict, config: Config):
+    """The four panels of loss_zoo.png: (a) accuracy against label noise, (b) F1 under
+    imbalance, (c) zero-shot recall@1, (d) uniformity against tolerance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    ax = axes[0]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    ax = axes[0, 0]
     for name, per_rate in results["noise"].items():
         rates = [float(r) for r in per_rate]
-        means = [100 * np.mean(v) for v in per_rate.values()]
-        stds = [100 * np.std(v) for v in per_rate.values()]
-        ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, label=name)
-    ax.set(xlabel="symmetric label-noise rate", ylabel="test accuracy (%)", title="(a) label noise")
+        stats = [_mean_std_pct(v) for v in per_rate.values()]
+        ax.errorbar(
+            rates, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+            label=name,
+        )  # fmt: skip
+    ax.set(
+        xlabel="symmetric label-noise rate",
+        ylabel="test accuracy (%)",
+        title="(a) label noise: test accuracy",
+    )
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax = axes[1]
     imb = {k: v for k, v in results["imbalanced"].items() if isinstance(v, dict)}
-    ax.bar(
-        range(len(imb)),
-        [100 * np.mean(v["f1"]) for v in imb.values()],
-        yerr=[100 * np.std(v["f1"]) for v in imb.values()],
-        capsize=3,
+    _barh(
+        axes[0, 1],
+        list(imb),
+        [v["f1"] for v in imb.values()],
+        "test F1 at threshold 0.5 (%)",
+        f"(b) imbalance: digit {config.positive_digit} vs rest",
     )
-    ax.set_xticks(range(len(imb)), list(imb), rotation=20, fontsize=8)
-    ax.set(ylabel="test F1 (%)", title=f"(b) digit {config.positive_digit} vs rest")
+    axes[0, 1].set_ylabel("loss")
     emb = results["embeddings"]
-    ax = axes[2]
-    ax.bar(
-        range(len(emb)),
-        [100 * np.mean(v["recall@1 unseen"]) for v in emb.values()],
-        yerr=[100 * np.std(v["recall@1 unseen"]) for v in emb.values()],
-        capsize=3,
+    _barh(
+        axes[1, 0],
+        list(emb),
+        [v["recall@1 unseen"] for v in emb.values()],
+        "recall@1 on unseen digits (%)",
+        f"(c) zero-shot retrieval (trained on digits 0-{config.seen_classes - 1})",
     )
-    ax.set_xticks(range(len(emb)), list(emb), rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="recall@1 unseen digits (%)", title="(c) zero-shot retrieval")
-    ax = axes[3]
+    axes[1, 0].set_ylabel("embedding")
+    ax = axes[1, 1]
     for name, m in emb.items():
-        ax.scatter(np.mean(m["uniformity"]), np.mean(m["tolerance"]), label=name)
-    ax.set(xlabel="uniformity (lower = more uniform)", ylabel="tolerance", title="(c) embeddings")
-    ax.legend(fontsize=7)
+        ax.scatter(np.mean(m["uniformity"]), np.mean(m["tolerance"]), label=name, s=40)
+    ax.set(
+        xlabel="uniformity L_unif (lower = more uniform)",
+        ylabel="tolerance (mean same-class cosine)",
+        title="(d) embeddings: uniformity against tolerance",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n = len(config.seeds)
+    title = f"Loss zoo on scikit-learn digits (mean ± std over {n} seed{'s' if n > 1 else ''})"
+    if config.smoke:
+        title += f"\n{jexp.SMOKE_NOTE}"
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- entry points
@@ -825,35 +869,34 @@ def run(config: Config) -> dict:
     """Runs the three parts and writes the run directory; returns the results dict."""
     start = time.perf_counter()
     effective = config.effective()
+    arrays = load_digits_arrays()  # before the run directory: a failure leaves none
     run_dir = jexp.RunDir(config.out_dir, config)
-    arrays = load_digits_arrays()
     parts = {"noise": run_noise, "imbalanced": run_imbalanced, "embeddings": run_embeddings}
-    results: dict[str, Any] = {"part_seconds": {}}
-    reused_seconds = 0.0
-    stamp = json.dumps(dataclasses.asdict(effective), sort_keys=True)
+    results: dict[str, Any] = {"part_seconds": {}, "smoke": effective.smoke}
+    stamp = jexp.config_stamp(effective)
+    computed = set()
     for name, part in parts.items():
-        cache = Path(run_dir.path) / f"part_{name}.json"
-        if cache.exists():  # a finished part of this configuration: reuse it
-            stored = json.loads(cache.read_text())
-            if stored.get("config") == stamp:
-                results[name] = stored["results"]
-                results["part_seconds"][name] = stored["seconds"]
-                reused_seconds += stored["seconds"]
-                continue
-        part_start = time.perf_counter()
-        results[name] = part(effective, arrays, run_dir.log)
-        seconds = round(time.perf_counter() - part_start, 2)
-        results["part_seconds"][name] = seconds
-        run_dir.log({"part": name, "seconds": seconds})
-        record = {"config": stamp, "seconds": seconds, "results": results[name]}
-        cache.write_text(json.dumps(record))
+
+        def compute(part=part, name=name) -> dict:
+            computed.add(name)
+            part_start = time.perf_counter()
+            values = part(effective, arrays, run_dir.log)
+            seconds = round(time.perf_counter() - part_start, 2)
+            run_dir.log({"part": name, "seconds": seconds})
+            return {"seconds": seconds, "results": values}
+
+        # A finished part of this configuration (an interrupted run resumed) is reused.
+        stored = run_dir.cached_json(f"part_{name}.json", stamp, compute)
+        results[name] = stored["results"]
+        results["part_seconds"][name] = stored["seconds"]
     results["claims"] = claims(results, effective)
     # Training time of the parts (also when reused from an earlier, interrupted run).
-    seconds = reused_seconds + time.perf_counter() - start
+    reused = sum(t for name, t in results["part_seconds"].items() if name not in computed)
+    seconds = reused + time.perf_counter() - start
     results["seconds"] = seconds
     run_dir.write_results(results)
     run_dir.write_summary(summary_markdown(results, effective, seconds))
-    plot(results, effective, Path(run_dir.path) / "loss_zoo.png")
+    plot(results, effective, run_dir)
     return results
 
 

@@ -1,5 +1,6 @@
 """Smoke test of experiments.loss_zoo: runs end to end in seconds, checks only robust facts."""
 
+import dataclasses
 import json
 import math
 
@@ -33,4 +34,65 @@ def test_loss_zoo_smoke(tmp_path):
     for name, scores in results["embeddings"].items():
         assert all(0.25 < r <= 1.0 for r in scores["recall@1 seen"]), name
         assert all(math.isfinite(u) for u in scores["uniformity"]), name
-    assert "| loss |" in _one(tmp_path, "summary.md").read_text()
+    summary = _one(tmp_path, "summary.md").read_text()
+    assert "| loss |" in summary
+    assert "Smoke run: numbers are not results" in summary and "| reproduced |" not in summary
+    assert _one(tmp_path, "loss_zoo.png").parent.parent.name == "smoke"
+
+    # Resuming the finished run reuses every part (no training: the same part times).
+    again = loss_zoo.run(dataclasses.replace(config, resume="latest"))
+    assert again["part_seconds"] == results["part_seconds"]
+    assert again["noise"] == json.loads(json.dumps(results["noise"]))
+
+
+def _fake_results(config):
+    seeds = [0.5, 0.6]
+    noise = {name: {f"{r:g}": seeds for r in config.noise_rates} for name in ("CE", "GCE", "MAE")}
+    metrics = {"f1": seeds, "precision": seeds, "recall": seeds, "balanced_accuracy": seeds}
+    imbalanced = {name: metrics for name in loss_zoo.binary_losses(config)}
+    imbalanced.update(train_positive_fraction=0.03, test_positive_fraction=0.1)
+    names = ["raw pixels (no training)", "multi-similarity", "ProtoNet + Proto-Triplet"]
+    names += [loss_zoo.nt_xent_name(t) for t in config.temperatures] + ["ProtoNet (CE)"]
+    scores = ("recall@1 unseen", "recall@1 seen", "uniformity", "tolerance", "ICNN unseen")
+    embeddings = {name: {k: seeds for k in scores} for name in names}
+    return {"noise": noise, "imbalanced": imbalanced, "embeddings": embeddings}
+
+
+def _overlap(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_figure_panels_are_distinct_labelled_and_ticks_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = loss_zoo.Config(smoke=True)
+    fig = loss_zoo.figure(_fake_results(config), config)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        titles = [ax.get_title() for ax in fig.axes if ax.has_data()]
+        assert all(titles), titles
+        letters = [t.split()[0] for t in titles]  # "(a)", "(b)", ...: one panel each
+        assert len(letters) == len(set(letters)), titles
+        for ax in fig.axes:
+            if not ax.has_data():
+                continue
+            assert ax.get_xlabel() or ax.get_xticklabels(), ax.get_title()
+            assert ax.get_ylabel(), ax.get_title()
+            boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+            for i, box in enumerate(boxes):
+                for other in boxes[i + 1 :]:
+                    assert not _overlap(box, other), (ax.get_title(), box, other)
+        # No text of one panel runs into another panel's tick labels.
+        labels = [
+            (ax, t.get_window_extent(renderer)) for ax in fig.axes for t in ax.get_xticklabels()
+        ]
+        for ax in fig.axes:
+            area = ax.get_window_extent(renderer)
+            assert not any(o is not ax and _overlap(area, box) for o, box in labels)
+        assert fig.get_suptitle()
+    finally:
+        plt.close(fig)
