@@ -2,10 +2,17 @@
 
 Pass parameters and batches into jitted functions as arguments: closed-over arrays become
 compile-time constants that XLA may fold, and the timing then measures nothing.
+
+Output: every benchmark takes ``--out PATH`` and ``--overwrite`` (:func:`add_output_options`).
+By default a run writes a fresh ``benchmarks/results/<name>-<timestamp>.json``; only
+``--overwrite`` replaces the committed ``benchmarks/results/<name>.json`` (the numbers the
+README quotes), and ``--out`` writes exactly there. Each file records the environment and
+the provenance (versions, git commit, command line: ``jaxmtl.experiment.provenance``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -61,8 +68,11 @@ def counted_flops(jitted: Callable[..., Any], *args: Any) -> float:
 
 
 def environment() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on, and by which code and command."""
+    from jaxmtl.experiment import provenance
+
     device = jax.devices()[0]
+    record = provenance()
     return {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
@@ -70,6 +80,10 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "versions": record["versions"],
+        "git": record["git"],
+        "command": record["command"],
+        "time": record["time"],
     }
 
 
@@ -86,12 +100,51 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--out PATH`` and ``--overwrite`` (see the module docstring) to ``parser``."""
+    parser.add_argument(
+        "--out", default=None, help="write the JSON here (default: a fresh timestamped file)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the committed benchmarks/results/<name>.json",
+    )
+
+
+def output_path(name: str, out: str | None = None, *, overwrite: bool = False) -> Path:
+    """``out``; else ``benchmarks/results/<name>.json`` with ``overwrite``; else a new
+    ``benchmarks/results/<name>-<timestamp>[-n].json``."""
+    if out:
+        return Path(out)
+    if overwrite:
+        return RESULTS_DIR / f"{name}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = RESULTS_DIR / f"{name}-{stamp}.json", 0
+    while path.exists():
+        n += 1
+        path = RESULTS_DIR / f"{name}-{stamp}-{n}.json"
+    return path
+
+
 def write_json(
-    name: str, rows: Sequence[dict[str, Any]], out: str | None = None, **meta: Any
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    out: str | argparse.Namespace | None = None,
+    **meta: Any,
 ) -> Path:
-    """Writes environment, meta and rows to ``out`` or ``benchmarks/results/<name>.json``."""
-    path = Path(out) if out else RESULTS_DIR / f"{name}.json"
+    """Writes environment, meta and rows as JSON (atomically) and returns the path.
+
+    ``out``: the parsed command line of :func:`add_output_options` (its ``--out`` and
+    ``--overwrite``), or a path, or None (a fresh timestamped file; see :func:`output_path`).
+    """
+    if isinstance(out, argparse.Namespace):
+        path = output_path(name, out.out, overwrite=out.overwrite)
+    else:
+        path = output_path(name, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "environment": environment(), "meta": meta, "rows": list(rows)}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
     return path

@@ -17,7 +17,7 @@ On a CPU there is nothing to time: it runs a correctness pass instead (the kerne
 interpret mode at tiny sizes against the reference, forward and gradients) and says so.
 
     python -m benchmarks.kernels [--seqs 512 1024 ...] [--head-dims 64 128] [--repeats 20]
-                                 [--out PATH]
+                                 [--out PATH | --overwrite]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import format_table, time_call, write_json
+from benchmarks.common import add_output_options, format_table, time_call, write_json
 from kernels.attention import flash_attention
 
 try:  # written separately; the harness works without it
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=list(SEQS))
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args()
 
     if jax.default_backend() == "cpu":
@@ -211,7 +211,7 @@ def main() -> None:
             "against the reference); timings need a GPU or TPU."
         )
         if args.out:  # never overwrite accelerator results with these by default
-            path = write_json("kernels", rows + extra, args.out, mode="cpu correctness")
+            path = write_json("kernels", rows + extra, args, mode="cpu correctness")
             print(f"wrote {path}")
         return
 
@@ -231,7 +231,7 @@ def main() -> None:
     path = write_json(
         "kernels",
         rows + extra,
-        args.out,
+        args,
         dtype="bfloat16",
         tokens=TOKENS,
         width=WIDTH,

@@ -6,7 +6,7 @@ XLA counts them. The nominal floor for materialising K per-task gradients is one
 K backwards, each backward about two forwards: (1 + 2K) / 3 gradient-equivalents; the real
 count is lower because the first layer needs no input gradient.
 
-    python -m benchmarks.mtl_gradients [--tasks 2 4 8 16] [--repeats 20] [--out PATH]
+    python -m benchmarks.mtl_gradients [--tasks 2 4 8 16] [--repeats 20] [--out PATH | --overwrite]
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import counted_flops, format_table, time_interleaved, write_json
+from benchmarks.common import (
+    add_output_options,
+    counted_flops,
+    format_table,
+    time_interleaved,
+    write_json,
+)
 from jaxmtl import mtl
 
 SIZES = (784, 256, 256)
@@ -115,11 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args()
     rows = [row for k in args.tasks for row in measure(k, args.repeats)]
     print(format_table(rows, ["K", "method", "ms", "ratio", "flops", "floor"]))
-    path = write_json("mtl_gradients", rows, args.out, batch=BATCH, sizes=SIZES)
+    path = write_json("mtl_gradients", rows, args, batch=BATCH, sizes=SIZES)
     print(f"wrote {path}")
 
 

@@ -26,7 +26,7 @@ load changes on a shared machine); the non-linear disentanglement map is timed s
   linear mode (two batches of 256, two JVPs each, 650 head evaluations per batch); the
   non-linear map (1300 forward passes per batch pair) for contrast.
 
-    python -m benchmarks.taskvec [--repeats 20] [--out PATH]
+    python -m benchmarks.taskvec [--repeats 20] [--out PATH | --overwrite]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import counted_flops, format_table, time_call, write_json
+from benchmarks.common import add_output_options, counted_flops, format_table, time_call, write_json
 from jaxmtl import taskvec
 from jaxmtl.analysis.disentanglement import weight_disentanglement_error
 
@@ -248,12 +248,12 @@ def measure(repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args()
     rows = measure(args.repeats)
     print(format_table(rows, ["measurement", "ms", "ratio", "flops_ratio", "baseline", "target"]))
     path = write_json(
-        "taskvec", rows, args.out, batch=BATCH, sizes=SIZES, classes=CLASSES,
+        "taskvec", rows, args, batch=BATCH, sizes=SIZES, classes=CLASSES,
         num_vectors=NUM_VECTORS, alphas=ALPHAS, grid=GRID, repeats=args.repeats,
     )  # fmt: skip
     print(f"wrote {path}")

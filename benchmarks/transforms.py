@@ -24,7 +24,8 @@ rounds of the per-round ratio, which keeps a shared, noisy machine from biasing 
 ``flops`` is XLA's count as a ratio to the plain step's.
 
     python -m benchmarks.transforms [--tasks 2 4 8 16] [--methods upgrad mgda ...]
-                                    [--rounds 5] [--repeats 10] [--no-torch] [--out PATH]
+                                    [--rounds 5] [--repeats 10] [--no-torch]
+                                    [--out PATH | --overwrite]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import jax
 import optax
 
 import jaxmtl.transforms as T
-from benchmarks.common import format_table, write_json
+from benchmarks.common import add_output_options, format_table, write_json
 from benchmarks.mtl_gradients import (
     BATCH,
     CLASSES,
@@ -378,7 +379,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true", help="skip the torchjd peers")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args()
     torch = not args.no_torch
     if torch:
@@ -396,7 +397,7 @@ def main() -> None:
     path = write_json(
         "transforms",
         rows,
-        args.out,
+        args,
         batch=BATCH,
         sizes=SIZES,
         threads=THREADS,

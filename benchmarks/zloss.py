@@ -23,11 +23,12 @@ other processes); the factored steps of all sizes are timed in interleaved round
 the flatness in D is not an artefact of the load on a shared CPU changing over the run.
 
     python -m benchmarks.zloss [--quick] [--repeats 100] [--budget 1.0] [--rounds 20]
-        [--burst 5] [--batch N] [--log2-classes 12 17] [--dims 128] [--out PATH]
+        [--burst 5] [--batch N] [--log2-classes 12 17] [--dims 128] [--out PATH | --overwrite]
 
-writes ``benchmarks/results/zloss.json`` (``zloss_quick.json`` with ``--quick``,
-``zloss_n<N>.json`` with a custom grid, e.g. the Gram path's growing advantage at
-``--batch 4096 --log2-classes 12 17 --dims 128``).
+writes a fresh ``benchmarks/results/zloss-<timestamp>.json`` (``--overwrite``: the
+committed ``zloss.json``; ``zloss_quick`` with ``--quick``, ``zloss_n<N>`` with a custom
+grid, e.g. the Gram path's growing advantage at ``--batch 4096 --log2-classes 12 17 --dims
+128``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import format_table, write_json
+from benchmarks.common import add_output_options, format_table, write_json
 from jaxmtl.losses import classification, spherical_output
 
 BATCH = 512
@@ -243,7 +244,7 @@ def main() -> None:
         "--log2-classes", type=int, nargs="+", default=None, help="override the D grid"
     )
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="override d")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args()
     sizes = dict(QUICK if args.quick else FULL)
     if args.log2_classes:
@@ -274,7 +275,7 @@ def main() -> None:
     path = write_json(
         name,
         rows,
-        args.out,
+        args,
         batch=args.batch,
         quick=args.quick,
         targets=checks,
