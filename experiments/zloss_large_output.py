@@ -518,17 +518,16 @@ def _slug(method: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
 
 
-def _cached_cell(path: Path, stamp: str, compute: Callable[[], dict]) -> dict:
-    """The cell stored at ``path`` if it was computed with ``stamp``; else computes and
-    stores it. optax's Adam mixes weak floats and int32 counts: standard promotion for it
-    (the tests run under strict promotion)."""
-    stored = json.loads(path.read_text()) if path.exists() else None
-    if stored is not None and stored.get("config") == stamp:
-        return stored["result"]
-    with jax.numpy_dtype_promotion("standard"):
-        result = compute()
-    path.write_text(json.dumps({"config": stamp, "result": result}))
-    return result
+def _cached_cell(run_dir: jexp.RunDir, name: str, stamp: str, compute: Callable[[], dict]):
+    """The cell stored as ``name`` in the run directory if it was computed with ``stamp``;
+    else computes and stores it (``RunDir.cached_json``). optax's Adam mixes weak floats and
+    int32 counts: standard promotion for it (the tests run under strict promotion)."""
+
+    def promoted() -> dict:
+        with jax.numpy_dtype_promotion("standard"):
+            return compute()
+
+    return run_dir.cached_json(name, stamp, promoted)
 
 
 # --------------------------------------------------------------------------- pilot
@@ -566,13 +565,13 @@ def tune(config: Config, data: dict, run_dir: jexp.RunDir, settings: dict) -> tu
     def pilot_cell(method: str, hp: Hyper, stage: int) -> dict:
         stamp = json.dumps({**settings, "hyper": dataclasses.asdict(hp), "pilot": method})
         digest = hashlib.sha1(stamp.encode()).hexdigest()[:12]
-        path = run_dir.path / f"pilot_{_slug(method)}_{digest}.json"
+        name = f"pilot_{_slug(method)}_{digest}.json"
         kwargs = dict(epochs=config.tune_epochs, splits=("val",), phase="pilot")
 
         def compute() -> dict:
             return train_cell(method, hp, config.tune_seed, data, config, run_dir.log, **kwargs)
 
-        cell = _cached_cell(path, stamp, compute)
+        cell = _cached_cell(run_dir, name, stamp, compute)
         row = {"method": method, "stage": stage, **dataclasses.asdict(hp)}
         row.update({k: cell[k] for k in cell if k.startswith("val top-")})
         row["train_loss"] = cell["final_train_loss"]
@@ -598,8 +597,8 @@ def tune(config: Config, data: dict, run_dir: jexp.RunDir, settings: dict) -> tu
             ce_rate = best["learning_rate"]
     for row in rows:
         row.setdefault("chosen", False)
-    (run_dir.path / "pilot.json").write_text(json.dumps(rows, indent=1))
-    (run_dir.path / "pilot.md").write_text(pilot_markdown(rows, config) + "\n")
+    run_dir.write_text("pilot.json", json.dumps(rows, indent=1))
+    run_dir.write_text("pilot.md", pilot_markdown(rows, config) + "\n")
     return chosen, rows
 
 
@@ -707,8 +706,6 @@ def summary_markdown(results: dict, config: Config) -> str:
     data = results["data"]
     n = len(config.seeds)
     lines = [f"# Z-loss on a {data['num_classes']}-way output layer ({n} seeds, mean ± std)", ""]
-    if config.smoke:
-        lines += ["**Smoke run**: tiny corpus and training; the numbers are not meaningful.", ""]
     files = data["files_per_split"]
     lines += [
         f"Next-word prediction over {data['files']} standard-library files "
@@ -780,7 +777,12 @@ def summary_markdown(results: dict, config: Config) -> str:
             "",
         ]
     lines += ["## Paper claims at this scale (test split)", ""]
-    lines += [jexp.markdown_table(results["claims"]), ""] if results["claims"] else ["(none)", ""]
+    if config.smoke:
+        lines += ["Not checked in a smoke run (tiny corpus and training: not results).", ""]
+    elif results["claims"]:
+        lines += [jexp.markdown_table(results["claims"]), ""]
+    else:
+        lines += ["(none)", ""]
     lines += [
         "Epoch times are wall-clock on a CPU shared with other jobs: a factored step is a "
         "few milliseconds of many small kernels and suffers most from the load, so the best "
@@ -817,13 +819,36 @@ def plot(results: dict, config: Config, run_dir: jexp.RunDir) -> None:
             x + i * width, val, "k_", markersize=12, label="validation" if i == 0 else None
         )
     axes[0].set_xticks(x + width * (len(table) - 1) / 2, [f"top-{k}" for k in config.top_k])
-    axes[0].set(ylabel="accuracy (%)", title="next-word accuracy (bars: test, marks: validation)")
+    axes[0].set(
+        xlabel="top-k",
+        ylabel="accuracy (%)",
+        title="next-word accuracy (bars: test, marks: validation)",
+    )
     axes[0].legend(fontsize=8)
     names = list(table)
-    axes[1].bar(names, [np.mean(table[n]["epoch_seconds"]) for n in names])
+    # Points, not bars: a bar's height on a log axis depends on where the axis starts.
+    for i, n in enumerate(names):
+        seconds = table[n]["epoch_seconds"]
+        axes[1].plot(i, np.mean(seconds), "o", color=f"C{i}", markersize=9)
+        axes[1].plot([i] * len(seconds), seconds, "_", color="black", markersize=10)
+    axes[1].set_xticks(range(len(names)), names)
+    axes[1].set_xlim(-0.5, len(names) - 0.5)
     axes[1].set_yscale("log")
-    axes[1].set(ylabel="seconds per epoch (log)", title="training time")
+    axes[1].grid(axis="y", which="both", alpha=0.3)
+    axes[1].set(
+        xlabel="method",
+        ylabel="seconds per epoch (log scale)",
+        title="training time per epoch (dots: mean, dashes: seeds)",
+    )
     axes[1].tick_params(axis="x", labelsize=8)
+    n = len(config.seeds)
+    title = (
+        f"Z-loss on a {results['data']['num_classes']}-way output layer "
+        f"(mean over {n} seed{'s' if n > 1 else ''})"
+    )
+    if config.smoke:
+        title += f"\n{jexp.SMOKE_NOTE}"
+    fig.suptitle(title)
     fig.tight_layout()
     run_dir.savefig(fig, f"{NAME}.png")
 
@@ -837,9 +862,9 @@ def run(config: Config) -> dict:
     start = time.perf_counter()
     effective = config.effective()
     _check_config(effective)
+    data = load_corpus(effective)  # before the run directory: a failure leaves none
     run_dir = jexp.RunDir(config.out_dir, config)
-    data = load_corpus(effective)
-    settings = {k: v for k, v in jexp.config_dict(effective).items() if k != "resume"}
+    settings = json.loads(jexp.config_stamp(effective))  # without out_dir / resume
     pilot, pilot_seconds = [], 0.0
     if effective.tune:
         pilot_start = time.perf_counter()
@@ -847,13 +872,13 @@ def run(config: Config) -> dict:
         pilot_seconds = time.perf_counter() - pilot_start
         for method, hp in chosen.items():
             effective = with_hyper(effective, method, hp)
-        settings = {k: v for k, v in jexp.config_dict(effective).items() if k != "resume"}
+        settings = json.loads(jexp.config_stamp(effective))  # without out_dir / resume
     stamp = json.dumps(settings, sort_keys=True)
     hypers = {m: hyper(m, effective) for m in effective.methods}
     cells: dict[str, dict[int, dict]] = {}
     for method in effective.methods:
         for seed in effective.seeds:
-            path = run_dir.path / f"cell_{_slug(method)}_seed{seed}.json"
+            name = f"cell_{_slug(method)}_seed{seed}.json"
 
             def compute(method=method, seed=seed) -> dict:
                 hp = hypers[method]
@@ -865,7 +890,7 @@ def run(config: Config) -> dict:
                     )
                 return result
 
-            cells.setdefault(method, {})[seed] = _cached_cell(path, stamp, compute)
+            cells.setdefault(method, {})[seed] = _cached_cell(run_dir, name, stamp, compute)
     metric_keys = [f"{split} top-{k}" for split in SPLITS for k in effective.top_k]
     metric_keys += [f"last {key}" for key in metric_keys]
     metric_keys += ["selected_epoch", "epoch_seconds", "best_epoch_seconds", "compile_seconds"]

@@ -430,6 +430,17 @@ class RunDir:
         _write_atomic(path, markdown if markdown.endswith("\n") else markdown + "\n")
         return path
 
+    def write_text(self, name: str, text: str) -> Path:
+        """Writes ``text`` to the file ``name`` in the run directory atomically; returns its
+        path (e.g. a table beside summary.md)."""
+        if not name or "/" in name or os.sep in name:
+            raise ValueError(f"name must be a plain file name, got {name!r}")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        path = self.path / name
+        _write_atomic(path, text)
+        return path
+
     def savefig(self, fig, name: str, *, dpi: int = 110, close: bool = True) -> Path:
         """Saves a matplotlib figure as ``<name>.png`` in the run directory (and closes it);
         returns the path."""

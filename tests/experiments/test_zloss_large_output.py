@@ -27,7 +27,7 @@ def test_zloss_large_output_smoke(tmp_path):
     config = zl.Config(smoke=True, seeds=(0, 1), out_dir=str(tmp_path / "zl"))
     results = zl.run(config)
 
-    (run_dir,) = (tmp_path / "zl").iterdir()  # one timestamped run directory
+    (run_dir,) = (tmp_path / "zl" / "smoke").iterdir()  # one timestamped run directory
     for name in ("config.json", "metrics.jsonl", "results.json", "summary.md", f"{zl.NAME}.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert not (run_dir / "pilot.json").exists()
@@ -42,6 +42,7 @@ def test_zloss_large_output_smoke(tmp_path):
     _check_table(results, config, 2)
     summary = (run_dir / "summary.md").read_text()
     assert "| method |" in summary and "validation" in summary and "test split" in summary
+    assert "Smoke run: numbers are not results" in summary and "| holds |" not in summary
 
     # Resuming the finished run reuses every cell (no retraining) and gives the same table.
     again = zl.run(zl.Config(smoke=True, seeds=(0, 1), out_dir=config.out_dir, resume="latest"))
@@ -52,7 +53,7 @@ def test_zloss_large_output_tune_smoke(tmp_path):
     config = zl.Config(smoke=True, tune=True, seeds=(0,), out_dir=str(tmp_path / "zl"))
     results = zl.run(config)
 
-    (run_dir,) = (tmp_path / "zl").iterdir()
+    (run_dir,) = (tmp_path / "zl" / "smoke").iterdir()
     small = config.effective()
     rows = json.loads((run_dir / "pilot.json").read_text())
     assert rows == results["pilot"] and "| method |" in (run_dir / "pilot.md").read_text()
