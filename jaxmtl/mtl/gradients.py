@@ -46,8 +46,14 @@ def shared_mask(params: PyTree, shared: SharedSpec = None) -> PyTree:
     Args:
       params: the parameter pytree.
       shared: ``None`` (every leaf shared), a pytree of booleans with the structure of
-        ``params``, or a predicate called with each leaf's key path (a tuple of
-        ``jax.tree_util`` keys) returning whether it is shared.
+        ``params`` (a mask; also when the pytree is callable, as an equinox module is), or a
+        predicate called with each leaf's key path (a tuple of ``jax.tree_util`` keys:
+        ``DictKey`` has ``.key``, ``GetAttrKey`` (modules, dataclasses) ``.name``,
+        ``SequenceKey`` ``.idx``) returning whether it is shared.
+
+    Raises:
+      ValueError: naming ``shared``, when a mask has another structure or non-boolean
+        values, or a predicate raises or returns a non-boolean (with the leaf's path).
 
     >>> params = {"trunk": {"w": 1.0}, "heads": {"a": 2.0}}
     >>> shared_mask(params, lambda path: path[0].key == "trunk")
@@ -55,16 +61,59 @@ def shared_mask(params: PyTree, shared: SharedSpec = None) -> PyTree:
     """
     if shared is None:
         return jax.tree.map(lambda _: True, params)
-    if callable(shared):
-        return jax.tree_util.tree_map_with_path(lambda path, _: bool(shared(path)), params)
     params_def = jax.tree.structure(params)
     mask_def = jax.tree.structure(shared)
-    if params_def != mask_def:
-        raise ValueError(
-            "shared: expected a boolean pytree with the structure of params "
-            f"{params_def}, got {mask_def}"
+    if mask_def == params_def and not any(callable(m) for m in jax.tree.leaves(shared)):
+        return jax.tree_util.tree_map_with_path(_mask_value, shared)
+    if callable(shared):
+        return jax.tree_util.tree_map_with_path(lambda path, _: _predicate(shared, path), params)
+    hint = ""
+    if mask_def.num_leaves == 1 and params_def.num_leaves != 1:
+        hint = (
+            "; a single value where a predicate was meant happens under "
+            "optax.inject_hyperparams, which calls callables as schedules: pass "
+            "static_args=('shared',)"
         )
-    return jax.tree.map(bool, shared)
+    raise ValueError(
+        f"shared: expected a boolean pytree with the structure of params {params_def} (or "
+        f"None, or a predicate on key paths), got {mask_def} ({_short_repr(shared)}){hint}"
+    )
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mask_value(path: tuple, value: Any) -> bool:
+    try:
+        return bool(value)
+    except Exception as error:  # an array of several values, a tracer
+        raise ValueError(
+            f"shared{jax.tree_util.keystr(path)}: expected a Python bool, "
+            f"got {_short_repr(value)}"
+        ) from error
+
+
+def _predicate(shared: Callable[[tuple], Any], path: tuple) -> bool:
+    """``bool(shared(path))``, or a ValueError naming the leaf and what paths are made of."""
+    leaf = jax.tree_util.keystr(path) or "<root>"
+    try:
+        result = shared(path)
+    except Exception as error:
+        raise ValueError(
+            f"shared: the predicate raised {type(error).__name__}: {error} on leaf {leaf}; "
+            f"it is called with the key path {path!r}, a tuple of jax.tree_util keys "
+            "(DictKey has .key, GetAttrKey (modules, dataclasses) .name, SequenceKey .idx; "
+            "jax.tree_util.keystr(path) gives a string)"
+        ) from error
+    try:
+        return bool(result)
+    except Exception as error:
+        raise ValueError(
+            f"shared: expected the predicate to return a bool on leaf {leaf}, "
+            f"got {_short_repr(result)}"
+        ) from error
 
 
 def _partition(tree: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
@@ -184,11 +233,36 @@ def representation_gradients(
     return losses, shared_grads, head_grads, feature_grads
 
 
-def _shared_leaves(grads: PyTree, shared: SharedSpec) -> list[jax.Array]:
-    if shared is None:
-        return jax.tree.leaves(grads)
-    mask = shared_mask(grads, shared)
-    return [g for m, g in zip(jax.tree.leaves(mask), jax.tree.leaves(grads), strict=True) if m]
+def _shared_leaves(grads: PyTree, shared: SharedSpec) -> list[tuple[tuple, jax.Array]]:
+    """``(key path, leaf)`` of every shared leaf."""
+    mask = jax.tree.leaves(shared_mask(grads, shared))
+    pairs = jax.tree_util.tree_flatten_with_path(grads)[0]
+    return [pair for m, pair in zip(mask, pairs, strict=True) if m]
+
+
+def _task_axis(grads: PyTree, shared: SharedSpec = None, name: str = "grads") -> int:
+    """K, the leading axis every shared leaf of ``grads`` must have; a ValueError naming the
+    first leaf that lacks it (``name`` + its key path), the expected and the received shape."""
+    leaves = _shared_leaves(grads, shared)
+    if not leaves:
+        raise ValueError(f"{name}: expected at least one shared leaf with a leading task axis")
+    first_path, first = leaves[0]
+    if jnp.ndim(first) == 0:
+        raise ValueError(
+            f"{name}{jax.tree_util.keystr(first_path)}: expected a leading task axis K on a "
+            "shared leaf, got a scalar; if it is task-specific, say so with shared= (the "
+            "same shared= as for jaxmtl.mtl.task_gradients)"
+        )
+    k = jnp.shape(first)[0]
+    for path, leaf in leaves:
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != k:
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)}: expected a leading task axis {k} (that "
+                f"of {name}{jax.tree_util.keystr(first_path)}) on every shared leaf, got shape "
+                f"{jnp.shape(leaf)}; pass the same shared= to jaxmtl.mtl.task_gradients and "
+                "to the transform"
+            )
+    return k
 
 
 def _accumulation_dtype(leaves: list[jax.Array]) -> jnp.dtype:
@@ -204,16 +278,8 @@ def gramian(grads: PyTree, shared: SharedSpec = None) -> jax.Array:
     >>> gramian({"a": jnp.array([[1.0, 0.0], [1.0, 1.0]]), "b": jnp.array([[2.0], [0.0]])}).tolist()
     [[5.0, 1.0], [1.0, 2.0]]
     """
-    leaves = _shared_leaves(grads, shared)
-    if not leaves:
-        raise ValueError("grads: expected at least one shared leaf with a leading task axis")
-    k = leaves[0].shape[0]
-    for leaf in leaves:
-        if leaf.ndim == 0 or leaf.shape[0] != k:
-            raise ValueError(
-                f"grads: expected every shared leaf to have leading task axis {k}, "
-                f"got a leaf of shape {leaf.shape}"
-            )
+    k = _task_axis(grads, shared)
+    leaves = [leaf for _, leaf in _shared_leaves(grads, shared)]
     dtype = _accumulation_dtype(leaves)
     total = jnp.zeros((k, k), dtype)
     for leaf in leaves:
@@ -236,14 +302,15 @@ def combine(weights: jax.Array, grads: PyTree, shared: SharedSpec = None) -> PyT
         raise ValueError(f"weights: expected shape (K,), got {weights.shape}")
     mask = shared_mask(grads, shared)
 
-    def contract(is_shared, leaf):
+    def contract(path, is_shared, leaf):
         if not is_shared:
             return leaf
         if leaf.ndim == 0 or leaf.shape[0] != weights.shape[0]:
             raise ValueError(
-                f"grads: expected leading task axis {weights.shape[0]} (len(weights)), "
-                f"got a leaf of shape {leaf.shape}"
+                f"grads{jax.tree_util.keystr(path)}: expected a leading task axis "
+                f"{weights.shape[0]} (len(weights)) on a shared leaf, got shape {leaf.shape}; "
+                "pass the same shared= as to jaxmtl.mtl.task_gradients"
             )
         return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
 
-    return jax.tree.map(contract, mask, grads)
+    return jax.tree_util.tree_map_with_path(contract, mask, grads)

@@ -20,7 +20,29 @@ Composition with optax wrappers:
   ``static_args``.
 * ``optax.MultiSteps`` accumulates updates shaped like the parameters, so it wraps the part
   of the chain after the aggregator: ``optax.chain(upgrad(), optax.MultiSteps(optax.adam(1e-3),
-  every_k_schedule=4))`` averages the aggregated directions of four micro-batches.
+  every_k_schedule=4))`` averages the aggregated directions of four micro-batches. Around
+  the aggregator it would hand it parameter-shaped updates, which ``update`` reports.
+
+Checks (at trace time): every shared leaf of ``updates`` has the same leading task axis K;
+when ``update`` is given ``params``, a shared leaf's update has shape ``(K, *param.shape)``
+and a task-specific one ``param.shape``. A mismatch (``shared=`` given to
+``jaxmtl.mtl.task_gradients`` but not to the transform, or the other way round) raises a
+``ValueError`` naming the leaf, the expected and the received shape.
+
+Non-finite input: if any leaf of ``updates``, the ``task_losses=`` or the
+``feature_gradients=`` extra argument holds a NaN or an infinity, the returned update is NaN
+on every leaf (task heads included; never a partial update) and the returned state is the
+input state, unchanged, so that no method's state (DB-MTL's EMAs, GradVac's targets, FAMO's
+logits, DWA's losses, uncertainty's log-variances) ever absorbs the fault. To skip such a
+step, put ``optax.apply_if_finite`` after the aggregator,
+``optax.chain(upgrad(), optax.apply_if_finite(optax.adam(1e-3), max_consecutive_errors=5))``,
+or wrap the whole chain in :func:`skip_nonfinite`. ``optax.apply_if_finite`` itself cannot
+wrap a chain that starts with an aggregator: for a rejected step it returns zeros shaped
+like its input, the per-task gradients, which are not shaped like the chain's output.
+
+Dtypes: weights, Gramians and states are float64 for float64 gradients (x64) and float32
+otherwise (bfloat16 included); ``init(params)`` makes a float64 state for float64
+parameters. Each output leaf has its update's dtype.
 """
 
 from __future__ import annotations
@@ -57,6 +79,7 @@ __all__ = [
     "nash_mtl",
     "pcgrad",
     "rlw",
+    "skip_nonfinite",
     "stch",
     "summed",
     "uncertainty",
@@ -66,26 +89,109 @@ __all__ = [
 Aggregator = aggregating.Aggregator
 
 
-def _shared_leaves(updates: Any, shared: Any) -> list[jax.Array]:
-    mask = mtl.shared_mask(updates, shared)
-    return [u for m, u in zip(jax.tree.leaves(mask), jax.tree.leaves(updates), strict=True) if m]
+_SAME_SHARED = "pass the same shared= to jaxmtl.mtl.task_gradients and to this transform"
+_WRAPPERS = (
+    "per-task gradients come from jaxmtl.mtl.task_gradients; optax wrappers that form updates "
+    "shaped like params (optax.MultiSteps, optax.apply_if_finite) belong after the "
+    "aggregator, e.g. optax.chain(aggregator, optax.MultiSteps(optax.adam(1e-3), 4)), or "
+    "use jaxmtl.transforms.skip_nonfinite around the whole chain"
+)
 
 
-def _leading_axis(updates: Any, shared: Any, name: str = "updates") -> int:
-    leaves = _shared_leaves(updates, shared)
-    if not leaves:
-        raise ValueError(f"{name}: expected at least one shared leaf with a leading task axis")
-    first = leaves[0]
-    if first.ndim == 0:
-        raise ValueError(f"{name}: expected a leading task axis, got a scalar leaf")
-    k = first.shape[0]
-    for leaf in leaves:
-        if leaf.ndim == 0 or leaf.shape[0] != k:
-            raise ValueError(
-                f"{name}: expected every shared leaf to have leading task axis {k}, "
-                f"got a leaf of shape {leaf.shape}"
-            )
+def _task_axis(updates: Any, shared: Any, params: Any = None) -> int:
+    """K, the leading task axis of the shared leaves of ``updates``, after checking them.
+
+    Without ``params``: every shared leaf has the same leading axis. With ``params``: the
+    same structure, and a shared leaf's update has shape ``(K, *param.shape)``, a task-specific
+    one ``param.shape``. Errors name the leaf (``updates['trunk']``), the expected and the
+    received shape.
+    """
+    if params is None:
+        return mtl._task_axis(updates, shared, name="updates")
+    updates_def, params_def = jax.tree.structure(updates), jax.tree.structure(params)
+    if updates_def != params_def:
+        raise ValueError(
+            f"updates: expected the structure of params {params_def}, got {updates_def}"
+        )
+    flags = jax.tree.leaves(mtl.shared_mask(updates, shared))
+    rows = [
+        (f"updates{jax.tree_util.keystr(path)}", is_shared, jnp.shape(u), jnp.shape(p))
+        for (path, u), p, is_shared in zip(
+            jax.tree_util.tree_flatten_with_path(updates)[0],
+            jax.tree.leaves(params),
+            flags,
+            strict=True,
+        )
+    ]
+    shared_rows = [row for row in rows if row[1]]
+    if not shared_rows:
+        raise ValueError("shared: expected at least one shared leaf, got none")
+    with_axis = [u for _, _, u, p in shared_rows if len(u) == len(p) + 1]
+    if not with_axis:
+        name, _, u, p = shared_rows[0]
+        raise ValueError(
+            f"{name}: expected shape (K, *{p}) (a shared leaf carries a leading task axis), "
+            f"got {u}: every shared leaf is shaped like its parameter; {_WRAPPERS}"
+        )
+    k = with_axis[0][0]
+    for name, is_shared, u, p in rows:
+        expected = (k, *p) if is_shared else p
+        if u == expected:
+            continue
+        if is_shared and u == p:
+            why = f"no task axis on a leaf shared= makes shared: {_SAME_SHARED}"
+        elif not is_shared and u == (k, *p):
+            why = f"a task axis on a leaf shared= makes task-specific: {_SAME_SHARED}"
+        else:
+            kind = "shared: (K, *param.shape)" if is_shared else "task-specific: param.shape"
+            why = f"expected {kind} with K = {k}; {_SAME_SHARED}"
+        raise ValueError(f"{name}: expected shape {expected}, got {u} ({why})")
     return k
+
+
+def _all_finite(updates: Any, extra_args: dict[str, Any]) -> jax.Array:
+    """Whether every leaf of ``updates`` and of the task losses / feature gradients is finite."""
+    trees = [updates, extra_args.get("task_losses"), extra_args.get("feature_gradients")]
+    checks = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _guarded(step, shared: Any):
+    """The ``update`` of an aggregator from ``step(updates, state, k, **extra_args)``.
+
+    Checks the task axes (:func:`_task_axis`) and applies the non-finite rule of the module
+    docstring: an update that is NaN on every leaf and the input state, unchanged.
+    """
+
+    def update_fn(updates, state, params=None, **extra_args):
+        k = _task_axis(updates, shared, params)
+        out, new_state = step(updates, state, k, **extra_args)
+        finite = _all_finite(updates, extra_args)
+        out = jax.tree.map(lambda u: jnp.where(finite, u, jnp.asarray(jnp.nan, u.dtype)), out)
+        new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+        return out, new_state
+
+    return update_fn
+
+
+def _accumulation_dtype(tree: Any, shared: Any) -> jnp.dtype:
+    """float64 if a shared leaf of ``tree`` (updates or params) is float64, else float32."""
+    if tree is None:  # init(None)
+        return jnp.dtype(jnp.float32)
+    mask = jax.tree.leaves(mtl.shared_mask(tree, shared))
+    dtypes = [
+        getattr(x, "dtype", None) for m, x in zip(mask, jax.tree.leaves(tree), strict=True) if m
+    ]
+    return jnp.dtype(jnp.float64 if jnp.dtype(jnp.float64) in dtypes else jnp.float32)
+
+
+def _cast_state(state: Any, dtype: jnp.dtype) -> Any:
+    """``state`` with its float32 leaves in ``dtype`` (keys, counts and others unchanged)."""
+
+    def cast(x):
+        return x.astype(dtype) if getattr(x, "dtype", None) == jnp.float32 else x
+
+    return jax.tree.map(cast, state)
 
 
 def aggregate(
@@ -99,8 +205,10 @@ def aggregate(
     ``update(updates, state, params=None, **extra_args)``: ``updates`` has a leading task axis
     K on every shared leaf; the Gramian is accumulated leaf by leaf in float32 (float64 for
     float64 leaves), the weights come from ``weighting.weights(G, state, num_tasks=K,
-    **extra_args)``, and the output is ``sum_k w_k updates[k]`` per shared leaf (each leaf's
-    dtype), non-shared leaves unchanged.
+    dtype=..., **extra_args)`` (``dtype`` that accumulation dtype), and the output is
+    ``sum_k w_k updates[k]`` per shared leaf (each leaf's dtype), non-shared leaves unchanged.
+    ``init(params)`` is ``weighting.init()`` with float32 leaves made float64 for float64
+    shared parameters. Checks and non-finite input: see the module docstring.
 
     Args:
       weighting: a :class:`jaxmtl.transforms.weighting.Weighting`.
@@ -123,12 +231,9 @@ def aggregate(
         )
 
     def init_fn(params):
-        del params
-        return weighting.init()
+        return _cast_state(weighting.init(), _accumulation_dtype(params, shared))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        k = _leading_axis(updates, shared)
+    def step(updates, state, k, **extra_args):
         gramian = None
         if weighting.needs_gramian:
             if gramian_source == "features":
@@ -146,10 +251,11 @@ def aggregate(
             else:
                 gramian = mtl.gramian(updates, shared)
         extra_args.pop("num_tasks", None)
-        weights, state = weighting.weights(gramian, state, num_tasks=k, **extra_args)
-        return mtl.combine(weights, updates, shared), state
+        extra_args["dtype"] = _accumulation_dtype(updates, shared)
+        weights, new_state = weighting.weights(gramian, state, num_tasks=k, **extra_args)
+        return mtl.combine(weights, updates, shared), optax.tree.cast_like(new_state, state)
 
-    return Aggregator(init_fn, update_fn)
+    return Aggregator(init_fn, _guarded(step, shared))
 
 
 # ----------------------------------------------------------------------------- weightings
@@ -342,9 +448,8 @@ def graddrop(*, leak: Any = 0.0, seed: int = 0, shared: Any = None) -> Aggregato
         del params
         return W.KeyState(jax.random.PRNGKey(seed))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        k = _leading_axis(updates, shared)
+    def step(updates, state, k, **extra_args):
+        del extra_args
         mask = mtl.shared_mask(updates, shared)
         key, sub = jax.random.split(state.key)
         leaves, treedef = jax.tree.flatten(updates)
@@ -371,11 +476,15 @@ def graddrop(*, leak: Any = 0.0, seed: int = 0, shared: Any = None) -> Aggregato
             out.append(jnp.tensordot(ones, factor * g32, axes=1).astype(g.dtype))
         return jax.tree.unflatten(treedef, out), W.KeyState(key)
 
-    return Aggregator(init_fn, update_fn)
+    return Aggregator(init_fn, _guarded(step, shared))
 
 
 class DBMTLState(NamedTuple):
-    """DB-MTL's step count and EMA of log-loss gradients (K axis on shared leaves)."""
+    """DB-MTL's step count and EMA of log-loss gradients.
+
+    ``buffer`` is shaped like the parameters: ``(K, *param.shape)`` on shared leaves, ``None``
+    on task-specific ones (no placeholder arrays, so checkpointers store it as is).
+    """
 
     count: jax.Array
     buffer: Any
@@ -402,52 +511,109 @@ def db_mtl(
     W._check_range("beta_sigma", beta_sigma, 0.0)
 
     def init_fn(params):
-        mask = mtl.shared_mask(params, shared)
-
         def buffer(is_shared, p):
+            if not is_shared:
+                return None
             p = jnp.asarray(p)
-            dtype = jnp.float64 if p.dtype == jnp.float64 else jnp.float32
-            shape = (num_tasks, *p.shape) if is_shared else (0,)
-            return jnp.zeros(shape, dtype)
+            return jnp.zeros((num_tasks, *p.shape), W._float_dtype(p.dtype))
 
+        mask = mtl.shared_mask(params, shared)
         return DBMTLState(jnp.zeros([], jnp.int32), jax.tree.map(buffer, mask, params))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        k = _leading_axis(updates, shared)
+    def step(updates, state, k, **extra_args):
         if k != num_tasks:
             raise ValueError(f"updates: expected leading task axis {num_tasks}, got {k}")
-        losses = jax.lax.stop_gradient(W._task_losses(extra_args, num_tasks))
+        treedef = jax.tree.structure(updates)
+        flags = jax.tree.leaves(mtl.shared_mask(updates, shared))
+        try:
+            emas = treedef.flatten_up_to(state.buffer)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"state.buffer: expected the structure of updates {treedef} (init with the "
+                f"same params), got {jax.tree.structure(state.buffer)}"
+            ) from error
+        dtype = _accumulation_dtype(updates, shared)
+        losses = jax.lax.stop_gradient(W._task_losses(extra_args, num_tasks, dtype))
         count = optax.safe_increment(state.count)
-        mask = mtl.shared_mask(updates, shared)
-        decay = jnp.asarray(beta, losses.dtype) / count.astype(losses.dtype) ** jnp.asarray(
-            beta_sigma, losses.dtype
-        )
-        tiny = jnp.finfo(losses.dtype).tiny
-        inv_losses = 1.0 / jnp.maximum(losses, tiny)
+        decay = jnp.asarray(beta, dtype) / count.astype(dtype) ** jnp.asarray(beta_sigma, dtype)
+        inv_losses = 1.0 / jnp.maximum(losses, jnp.finfo(dtype).tiny)
 
-        def ema(is_shared, g, m):
-            if not is_shared:
-                return m
+        def ema(g, m):
             h = g.astype(m.dtype) * inv_losses.astype(m.dtype).reshape((k,) + (1,) * (g.ndim - 1))
             return h + decay.astype(m.dtype) * (m - h)
 
-        buffer = jax.tree.map(ema, mask, updates, state.buffer)
+        grads = jax.tree.leaves(updates)
+        emas = [ema(g, m) if f else None for f, g, m in zip(flags, grads, emas, strict=True)]
         squares = [
-            jnp.sum(jnp.square(m.reshape(k, -1)), axis=1).astype(jnp.float32)
-            for f, m in zip(jax.tree.leaves(mask), jax.tree.leaves(buffer), strict=True)
-            if f
+            jnp.sum(jnp.square(m.reshape(k, -1).astype(dtype)), axis=1)
+            for m in emas
+            if m is not None
         ]
         norms = jnp.sqrt(sum(squares[1:], squares[0]))
         # alpha_k = max_i ||m_i|| / ||m_k||; a zero m_k contributes nothing whatever alpha_k.
-        positive = norms > jnp.finfo(norms.dtype).tiny
+        positive = norms > jnp.finfo(dtype).tiny
         alpha = jnp.where(positive, jnp.max(norms) / jnp.where(positive, norms, 1.0), 0.0)
+        out = [
+            jnp.tensordot(alpha.astype(m.dtype), m, axes=1).astype(g.dtype) if f else g
+            for f, g, m in zip(flags, grads, emas, strict=True)
+        ]
+        buffer = jax.tree.unflatten(treedef, emas)
+        return jax.tree.unflatten(treedef, out), DBMTLState(count, buffer)
 
-        def direction(is_shared, g, m):
-            if not is_shared:
-                return g
-            return jnp.tensordot(alpha.astype(m.dtype), m, axes=1).astype(g.dtype)
+    return Aggregator(init_fn, _guarded(step, shared))
 
-        return jax.tree.map(direction, mask, updates, buffer), DBMTLState(count, buffer)
 
-    return Aggregator(init_fn, update_fn)
+# ----------------------------------------------------------------------------- wrappers
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation, *, max_consecutive_errors: int
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.apply_if_finite`` for a chain that starts with an aggregator.
+
+    Skips a step (zero updates, ``inner``'s state kept) when the input updates, the
+    ``task_losses=`` or ``feature_gradients=`` extra arguments, or ``inner``'s output hold a
+    NaN or an infinity, unless more than ``max_consecutive_errors`` steps in a row did; the
+    rule and the state (``optax.ApplyIfFiniteState``) are ``optax.apply_if_finite``'s. optax's
+    own wrapper cannot take per-task gradients: for a rejected step it returns zeros shaped
+    like its input (with the task axis), not like the chain's output.
+
+    >>> tx = skip_nonfinite(optax.chain(mean(), optax.sgd(1.0)), max_consecutive_errors=3)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> out, state = tx.update({"w": jnp.array([[1.0, jnp.nan], [3.0, 4.0]])}, state)
+    >>> out["w"].tolist(), int(state.total_notfinite)
+    ([0.0, 0.0], 1)
+    """
+    if (
+        isinstance(max_consecutive_errors, bool)
+        or not isinstance(max_consecutive_errors, int)
+        or max_consecutive_errors < 0
+    ):
+        raise ValueError(
+            f"max_consecutive_errors: expected a non-negative Python int, "
+            f"got {max_consecutive_errors!r}"
+        )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32),
+            last_finite=jnp.array(True, jnp.bool_),
+            total_notfinite=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        finite = _all_finite(updates, extra_args) & _all_finite(new_updates, {})
+        zero = jnp.zeros([], jnp.int32)
+        notfinite_count = jnp.where(finite, zero, optax.safe_increment(state.notfinite_count))
+        accept = finite | (notfinite_count > max_consecutive_errors)
+        new_updates = jax.tree.map(lambda u: jnp.where(accept, u, jnp.zeros_like(u)), new_updates)
+        inner_state = jax.lax.cond(accept, lambda: inner_state, lambda: state.inner_state)
+        total = jnp.where(
+            finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)
+        )
+        return new_updates, optax.ApplyIfFiniteState(notfinite_count, finite, total, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -65,7 +65,10 @@ class Weighting(NamedTuple):
       init: ``() -> state`` (a NamedTuple of arrays, or ``optax.EmptyState()``).
       weights: ``(gramian, state, **extra_args) -> (w, state)``; ``gramian`` is ``None`` when
         ``needs_gramian`` is False, and then the number of tasks comes from ``num_tasks=`` or
-        ``task_losses=``.
+        ``task_losses=``, and the weights' dtype from ``dtype=`` (the aggregator passes its
+        gradients' accumulation dtype, float32 or float64), else the task losses' (float32
+        when neither is given). ``state`` keeps the dtypes ``init`` gave it (the aggregator
+        casts a float32 state to float64 for float64 parameters).
       needs_gramian: whether ``weights`` reads the Gramian (aggregators skip computing it if not).
     """
 
@@ -151,7 +154,22 @@ def _check_gramian(gramian: Any) -> jax.Array:
     return gramian
 
 
-def _task_losses(extra_args: dict[str, Any], num_tasks: int | None) -> jax.Array:
+def _float_dtype(dtype: Any) -> jnp.dtype:
+    """float64 for float64, float32 for every other dtype (bfloat16, float16, ...)."""
+    return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
+
+
+def _weights_dtype(gramian: jax.Array | None, dtype: Any) -> jnp.dtype:
+    """The weights' dtype: the Gramian's, else ``dtype=`` (the gradients'), else float32."""
+    if gramian is not None:
+        return jnp.dtype(gramian.dtype)
+    return _float_dtype(jnp.float32 if dtype is None else dtype)
+
+
+def _task_losses(
+    extra_args: dict[str, Any], num_tasks: int | None, dtype: Any = None
+) -> jax.Array:
+    """``task_losses=`` (K,), checked, in ``dtype`` (the gradients'; default: its own)."""
     losses = extra_args.get("task_losses")
     if losses is None:
         raise ValueError("task_losses: this weighting needs task_losses=(K,) as an extra argument")
@@ -164,7 +182,7 @@ def _task_losses(extra_args: dict[str, Any], num_tasks: int | None) -> jax.Array
         )
     if not jnp.issubdtype(losses.dtype, jnp.floating):
         raise TypeError(f"task_losses: expected a floating dtype, got {losses.dtype}")
-    return losses if losses.dtype == jnp.float64 else losses.astype(jnp.float32)
+    return losses.astype(_float_dtype(losses.dtype if dtype is None else dtype))
 
 
 def _preference(pref: Any, k: int, dtype: jnp.dtype, name: str) -> jax.Array:
@@ -213,11 +231,10 @@ def mean() -> Weighting:
     [0.25, 0.25, 0.25, 0.25]
     """
 
-    def weights(gramian, state, *, num_tasks=None, **extra_args):
+    def weights(gramian, state, *, num_tasks=None, dtype=None, **extra_args):
         del extra_args
         k = _num_tasks(gramian, num_tasks)
-        dtype = jnp.float32 if gramian is None else gramian.dtype
-        return jnp.full((k,), 1.0 / k, dtype), state
+        return jnp.full((k,), 1.0 / k, _weights_dtype(gramian, dtype)), state
 
     return Weighting(optax.EmptyState, weights, needs_gramian=False)
 
@@ -229,11 +246,10 @@ def summed() -> Weighting:
     [1.0, 1.0]
     """
 
-    def weights(gramian, state, *, num_tasks=None, **extra_args):
+    def weights(gramian, state, *, num_tasks=None, dtype=None, **extra_args):
         del extra_args
         k = _num_tasks(gramian, num_tasks)
-        dtype = jnp.float32 if gramian is None else gramian.dtype
-        return jnp.ones((k,), dtype), state
+        return jnp.ones((k,), _weights_dtype(gramian, dtype)), state
 
     return Weighting(optax.EmptyState, weights, needs_gramian=False)
 
@@ -248,13 +264,12 @@ def constant(weights: Any) -> Weighting:
     if fixed.ndim != 1:
         raise ValueError(f"weights: expected shape (K,), got {fixed.shape}")
 
-    def weigh(gramian, state, *, num_tasks=None, **extra_args):
+    def weigh(gramian, state, *, num_tasks=None, dtype=None, **extra_args):
         del extra_args
         k = _num_tasks(gramian, num_tasks)
         if fixed.shape[0] != k:
             raise ValueError(f"weights: expected {k} weights (one per task), got {fixed.shape[0]}")
-        dtype = jnp.float32 if gramian is None else gramian.dtype
-        return fixed.astype(dtype), state
+        return fixed.astype(_weights_dtype(gramian, dtype)), state
 
     return Weighting(optax.EmptyState, weigh, needs_gramian=False)
 
@@ -273,12 +288,11 @@ def rlw(*, seed: int = 0) -> Weighting:
     def init():
         return KeyState(_new_key(seed))
 
-    def weights(gramian, state, *, num_tasks=None, **extra_args):
+    def weights(gramian, state, *, num_tasks=None, dtype=None, **extra_args):
         del extra_args
         k = _num_tasks(gramian, num_tasks)
-        dtype = jnp.float32 if gramian is None else gramian.dtype
         key, sub = _split(state.key)
-        z = jax.random.normal(sub, (k,), dtype)
+        z = jax.random.normal(sub, (k,), _weights_dtype(gramian, dtype))
         return jax.nn.softmax(z), KeyState(key)
 
     return Weighting(init, weights, needs_gramian=False)
@@ -666,16 +680,16 @@ def uncertainty(
         s = jnp.zeros((num_tasks,), jnp.float32)
         return UncertaintyState(s, opt.init(s))
 
-    def weights(gramian, state, **extra_args):
+    def weights(gramian, state, *, dtype=None, **extra_args):
         del gramian
-        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks))
-        s = state.log_variances
-        precision = jnp.exp(-s)
-        grad_s = 0.5 * (1.0 - precision * losses.astype(s.dtype))
+        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks, dtype))
+        s = state.log_variances  # the optimizer steps in the state's dtype
+        precision = jnp.exp(-s.astype(losses.dtype))
+        grad_s = (0.5 * (1.0 - precision * losses)).astype(s.dtype)
         with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes float and int32
             updates, opt_state = opt.update(grad_s, state.opt_state, s)
         new_s = optax.apply_updates(s, updates)
-        return (0.5 * precision).astype(losses.dtype), UncertaintyState(new_s, opt_state)
+        return 0.5 * precision, UncertaintyState(new_s, opt_state)
 
     return Weighting(init, weights, needs_gramian=False)
 
@@ -699,9 +713,9 @@ def dwa(*, num_tasks: int, temperature: float = 2.0) -> Weighting:
         zeros = jnp.zeros((num_tasks,), jnp.float32)
         return DWAState(zeros, zeros, jnp.zeros([], jnp.int32))
 
-    def weights(gramian, state, **extra_args):
+    def weights(gramian, state, *, dtype=None, **extra_args):
         del gramian
-        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks))
+        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks, dtype))
         dtype = losses.dtype
         prev = state.previous.astype(dtype)
         before = state.before_previous.astype(dtype)
@@ -750,9 +764,9 @@ def famo(
             xi, opt.init(xi), jnp.ones((num_tasks,), jnp.float32), jnp.zeros([], jnp.int32)
         )
 
-    def weights(gramian, state, **extra_args):
+    def weights(gramian, state, *, dtype=None, **extra_args):
         del gramian
-        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks))
+        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks, dtype))
         dtype = losses.dtype
         tiny = jnp.finfo(dtype).tiny
         gaps = jnp.maximum(losses - jnp.asarray(min_losses, dtype), 0.0) + 1e-8
@@ -768,11 +782,14 @@ def famo(
         opt_state = jax.tree.map(
             lambda new, old: jnp.where(first, old, new), opt_state, state.opt_state
         )
-        z = jax.nn.softmax(xi).astype(dtype)
+        z = jax.nn.softmax(xi.astype(dtype))
         scaled = z / gaps
         w = scaled / jnp.maximum(jnp.sum(scaled), tiny)
         new_state = FAMOState(
-            xi, opt_state, gaps.astype(jnp.float32), optax.safe_increment(state.count)
+            xi,
+            opt_state,
+            gaps.astype(state.previous_losses.dtype),
+            optax.safe_increment(state.count),
         )
         return w, new_state
 
@@ -791,9 +808,9 @@ def gls() -> Weighting:
     [1.0, 0.25]
     """
 
-    def weights(gramian, state, *, num_tasks=None, **extra_args):
+    def weights(gramian, state, *, num_tasks=None, dtype=None, **extra_args):
         del gramian
-        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks))
+        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks, dtype))
         k = losses.shape[0]
         tiny = jnp.finfo(losses.dtype).tiny
         logs = jnp.log(jnp.maximum(losses, tiny))
@@ -816,9 +833,9 @@ def stch(*, mu: float = 1.0, pref_vector: Any = None, ideal: Any = 0.0) -> Weigh
     """
     _check_range("mu", mu, 0.0, open_low=True)
 
-    def weights(gramian, state, *, num_tasks=None, **extra_args):
+    def weights(gramian, state, *, num_tasks=None, dtype=None, **extra_args):
         del gramian
-        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks))
+        losses = jax.lax.stop_gradient(_task_losses(extra_args, num_tasks, dtype))
         k = losses.shape[0]
         dtype = losses.dtype
         pref = _preference(pref_vector, k, dtype, "pref_vector")

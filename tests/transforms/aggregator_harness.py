@@ -122,3 +122,36 @@ def directions_over_steps(name: str, js: list, losses: list) -> list[np.ndarray]
         d, state = update(split(np.asarray(j, np.float32)), state, jnp.asarray(loss, jnp.float32))
         out.append(flat(d))
     return out
+
+
+# ----------------------------------------------------------------------------- with heads
+
+STATEFUL = ("gradvac", "uncertainty", "dwa", "famo", "db_mtl")  # take num_tasks=
+
+
+def problem(k: int, dtype=jnp.float32):
+    """A tiny multi-task regression: a shared linear trunk and one scalar head per task."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 4)), dtype)
+    y = jnp.asarray(rng.normal(size=(16, k)), dtype)
+    params = {
+        "trunk": jnp.asarray(rng.normal(size=(4, 3)) * 0.5, dtype),
+        "heads": jnp.asarray(rng.normal(size=(3, k)) * 0.5, dtype),
+    }
+
+    def task_losses(p, x, y):
+        return jnp.mean((x @ p["trunk"] @ p["heads"] - y) ** 2, axis=0)
+
+    return params, x, y, task_losses
+
+
+def is_trunk(path) -> bool:
+    return path[0].key == "trunk"
+
+
+def make_shared(name: str, k: int, shared=is_trunk):
+    """The named method's transform, built with ``shared=`` (the trunk by default)."""
+    if name == "constant":
+        return T.constant(np.linspace(0.5, 1.5, k).astype(np.float32), shared=shared)
+    kwargs = {"num_tasks": k} if name in STATEFUL else {}
+    return getattr(T, name)(shared=shared, **kwargs)

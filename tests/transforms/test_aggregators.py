@@ -26,12 +26,14 @@ from tests.transforms.aggregator_harness import (
     IDS,
     SPECS,
     P,
-    Spec,
     close,
     compiled,
     default_losses,
     direction,
     flat,
+    is_trunk,
+    make_shared,
+    problem,
     random_jacobian,
     split,
 )
@@ -224,51 +226,15 @@ def test_graddrop_keeps_the_positive_sign_with_probability_purity():
 # ----------------------------------------------------------------------------- optax
 
 
-def _problem(k: int):
-    """A tiny multi-task regression: a shared linear trunk and one scalar head per task."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-    y = jnp.asarray(rng.normal(size=(16, k)), jnp.float32)
-    params = {
-        "trunk": jnp.asarray(rng.normal(size=(4, 3)) * 0.5, jnp.float32),
-        "heads": jnp.asarray(rng.normal(size=(3, k)) * 0.5, jnp.float32),
-    }
-
-    def task_losses(p, x, y):
-        return jnp.mean((x @ p["trunk"] @ p["heads"] - y) ** 2, axis=0)
-
-    return params, x, y, task_losses
-
-
-def _is_trunk(path) -> bool:
-    return path[0].key == "trunk"
-
-
-def _make_shared(spec: Spec, k: int):
-    """The spec's transform, rebuilt with ``shared=`` for the trunk."""
-    names = {
-        "constant": lambda: T.constant(
-            np.linspace(0.5, 1.5, k).astype(np.float32), shared=_is_trunk
-        )
-    }
-    if spec.name in names:
-        return names[spec.name]()
-    factory = getattr(T, spec.name)
-    kwargs = (
-        {"num_tasks": k} if spec.name in ("gradvac", "uncertainty", "dwa", "famo", "db_mtl") else {}
-    )
-    return factory(shared=_is_trunk, **kwargs)
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_chained_with_adam_under_jit(spec):
     k = 2
-    params, x, y, task_losses = _problem(k)
-    tx = optax.chain(_make_shared(spec, k), optax.adam(1e-2))
+    params, x, y, task_losses = problem(k)
+    tx = optax.chain(make_shared(spec.name, k), optax.adam(1e-2))
 
     @jax.jit
     def step(params, opt_state):
-        losses, grads = mtl.task_gradients(task_losses, params, x, y, shared=_is_trunk)
+        losses, grads = mtl.task_gradients(task_losses, params, x, y, shared=is_trunk)
         with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes float and int32
             updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
         return optax.apply_updates(params, updates), opt_state, losses
@@ -285,9 +251,9 @@ def test_chained_with_adam_under_jit(spec):
 
 def test_non_shared_leaves_pass_through():
     k = 2
-    params, x, y, task_losses = _problem(k)
-    _, grads = mtl.task_gradients(task_losses, params, x, y, shared=_is_trunk)
-    tx = T.mean(shared=_is_trunk)
+    params, x, y, task_losses = problem(k)
+    _, grads = mtl.task_gradients(task_losses, params, x, y, shared=is_trunk)
+    tx = T.mean(shared=is_trunk)
     out, _ = jax.jit(tx.update)(grads, tx.init(params))
     assert out["trunk"].shape == params["trunk"].shape
     np.testing.assert_array_equal(out["heads"], grads["heads"])
@@ -299,7 +265,7 @@ def test_non_shared_leaves_pass_through():
 def test_inject_hyperparams():
     j = split(random_jacobian(1, 3))
     params = {"a": jnp.zeros(2), "b": jnp.zeros(P - 2)}
-    tx = optax.inject_hyperparams(T.cagrad)(c=0.2)
+    tx = optax.inject_hyperparams(T.cagrad, static_args="iterations")(c=0.2)
     state = tx.init(params)
     update = jax.jit(tx.update)
     out, state = update(j, state, params)
