@@ -48,19 +48,40 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 __all__ = [
+    "CELLS_FILE",
+    "DOES_NOT_REPRODUCE",
     "LOCATION_FIELDS",
+    "NOT_CHECKED",
+    "NOT_RUN",
+    "ON_AVERAGE",
+    "REPRODUCES",
+    "Claim",
     "DirectoryLock",
     "RunDir",
     "RunDirInUse",
+    "Stat",
+    "aggregate",
     "cached",
+    "check_claims",
+    "claims_markdown",
     "cli",
     "config_dict",
     "config_stamp",
+    "figure",
+    "finish_figure",
     "format_mean_std",
     "markdown_table",
     "mean_std",
+    "plot_bars",
+    "plot_curves",
+    "plot_heatmaps",
     "provenance",
+    "read_cells",
     "read_jsonl",
+    "run_cells",
+    "seed_table",
+    "stat",
+    "verdict",
 ]
 
 ConfigT = TypeVar("ConfigT")
@@ -902,3 +923,556 @@ def _restore_cache(path: Path, like: Any) -> Any:
         if step is None:
             raise CheckpointReadError(f"{path} holds no finished checkpoint")
         return ckpt.restore(step, like)
+
+
+# --------------------------------------------------------------------------- arms x seeds
+
+Arm = str | tuple[str, ...]
+"""An arm of an experiment: a name (``"PCGrad"``) or a tuple of names
+(``("multi_digits", "PCGrad")``)."""
+CELLS_FILE = "cells.jsonl"
+
+
+def _arm_key(arm: Arm) -> tuple[str, ...]:
+    key = (arm,) if isinstance(arm, str) else tuple(arm)
+    if not key or not all(isinstance(part, str) for part in key):
+        raise TypeError(f"arm: expected a str or a tuple of str, got {arm!r}")
+    return key
+
+
+def _arm_name(arm: Arm) -> str:
+    return " / ".join(_arm_key(arm))
+
+
+def _experiment_name(run_dir: RunDir) -> str:
+    parent = run_dir.path.parent
+    return parent.parent.name if run_dir.smoke else parent.name
+
+
+def read_cells(path: str | os.PathLike, stamp: str) -> dict[tuple, Any]:
+    """The finished cells stored in the JSON-lines file ``path`` under ``stamp``:
+    ``{(*arm, seed): result}``. A line cut by a crash is dropped (that cell is redone; see
+    :func:`read_jsonl`); a line that is not a cell record raises ``ValueError``.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = Path(d) / "cells.jsonl"
+    ...     _ = path.write_text('{"key": ["EW", 0], "stamp": "s", "result": {"acc": 0.9}}\\n')
+    ...     print(read_cells(path, "s"), read_cells(path, "other"))
+    {('EW', 0): {'acc': 0.9}} {}
+    """
+    cells = {}
+    for number, record in enumerate(read_jsonl(path), 1):
+        if not (isinstance(record, dict) and {"key", "stamp", "result"} <= set(record)):
+            raise ValueError(f"{path}, record {number}: expected key, stamp and result")
+        if record["stamp"] == stamp:
+            cells[tuple(record["key"])] = record["result"]
+    return cells
+
+
+def run_cells(
+    run_dir: RunDir,
+    arms: Sequence[Arm],
+    seeds: Sequence[int],
+    compute: Callable[[Arm, int], Mapping[str, Any]],
+    *,
+    stamp: str | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> dict[Arm, dict[int, dict[str, Any]]]:
+    """Every ``(arm, seed)`` cell of an experiment, each computed once and stored.
+
+    ``compute(arm, seed)`` returns the cell's metrics (a dict of JSON values: numbers,
+    lists, dicts). Every finished cell is appended to ``cells.jsonl`` in the run directory
+    with ``stamp`` (default: :func:`config_stamp` of the run's config) and a line in
+    ``metrics.jsonl``; a resumed run reads the finished cells back and computes only the
+    missing ones. One progress bar counts the cells (the finished ones included). Cells run
+    arm by arm, seeds inner, so a step function compiled for an arm's first seed serves the
+    others (:func:`jaxmtl.train.fit` reuses it).
+
+    Returns ``{arm: {seed: metrics}}`` in the order of ``arms`` and ``seeds``; a computed
+    cell comes back as a stored one would (through JSON), so a fresh and a resumed run agree.
+
+    >>> import tempfile
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Config:
+    ...     smoke: bool = True
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     run = RunDir(root, Config())
+    ...     cells = run_cells(run, ["a", "b"], [0, 1], lambda arm, s: {"x": s + len(arm)})
+    ...     again = run_cells(run, ["a", "b"], [0, 1], lambda arm, s: 1 / 0)  # all stored
+    ...     print(cells == again, cells["b"])
+    True {0: {'x': 1}, 1: {'x': 2}}
+    """
+    from tqdm.auto import tqdm
+
+    arms, seeds = list(arms), [int(s) for s in seeds]
+    keys = [_arm_key(arm) for arm in arms]
+    if len(set(keys)) != len(keys) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"arms and seeds must be distinct, got {arms} x {seeds}")
+    stamp = config_stamp(run_dir.config) if stamp is None else stamp
+    path = run_dir.path / CELLS_FILE
+    stored = read_cells(path, stamp)
+    done = sum((*key, seed) in stored for key in keys for seed in seeds)
+    bar = tqdm(
+        total=len(arms) * len(seeds),
+        initial=done,
+        desc=desc or f"{_experiment_name(run_dir)} cells",
+        disable=not progress,
+    )
+    cells: dict[Arm, dict[int, dict[str, Any]]] = {}
+    with bar:
+        for arm, key in zip(arms, keys, strict=True):
+            for seed in seeds:
+                if (*key, seed) not in stored:
+                    bar.set_postfix_str(f"{_arm_name(arm)}, seed {seed}")
+                    start = time.perf_counter()
+                    result = compute(arm, seed)
+                    if not isinstance(result, Mapping):
+                        raise TypeError(
+                            f"compute({arm!r}, {seed}) must return a dict, got "
+                            f"{type(result).__name__}"
+                        )
+                    record = {"key": [*key, seed], "stamp": stamp, "result": dict(result)}
+                    line = _dumps(record)
+                    with path.open("a") as f:
+                        f.write(line + "\n")
+                    seconds = round(time.perf_counter() - start, 3)
+                    run_dir.log({"arm": list(key), "seed": seed, "cell_seconds": seconds})
+                    stored[(*key, seed)] = json.loads(line)["result"]
+                    bar.update(1)
+                cells.setdefault(arm, {})[seed] = stored[(*key, seed)]
+    return cells
+
+
+def seed_table(
+    cells: Mapping[Arm, Mapping[int, Mapping[str, Any]]], metrics: Sequence[str] | None = None
+) -> dict[Arm, dict[str, list[Any]]]:
+    """``{arm: {metric: [value per seed]}}`` from :func:`run_cells`' ``{arm: {seed: metrics}}``
+    (``metrics`` default to every key of each arm's first cell).
+
+    >>> seed_table({"EW": {0: {"acc": 0.5}, 1: {"acc": 0.7}}})
+    {'EW': {'acc': [0.5, 0.7]}}
+    """
+    table = {}
+    for arm, per_seed in cells.items():
+        rows = list(per_seed.values())
+        keys = list(rows[0]) if metrics is None and rows else list(metrics or [])
+        table[arm] = {k: [row.get(k) for row in rows] for k in keys}
+    return table
+
+
+class Stat(NamedTuple):
+    """Mean ± std (``ddof=1``) of a metric over ``n`` seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    def format(self, *, digits: int = 1, scale: float = 1.0) -> str:
+        """``"71.2 ± 0.4"`` (``scale`` times the mean and std)."""
+        return f"{scale * self.mean:.{digits}f} ± {scale * self.std:.{digits}f}"
+
+
+def stat(values: Iterable[Any]) -> Stat | None:
+    """:class:`Stat` of the numbers in ``values`` (``None`` entries, e.g. a metric a method
+    does not have, are left out); ``None`` if there are none.
+
+    >>> stat([1.0, None, 2.0, 3.0])
+    Stat(mean=2.0, std=1.0, n=3)
+    """
+    numbers = [float(v) for v in values if v is not None]
+    if not numbers:
+        return None
+    mean, std = mean_std(numbers)
+    return Stat(mean, std, len(numbers))
+
+
+def aggregate(table: Mapping[Arm, Mapping[str, Sequence[Any]]]) -> dict[Arm, dict[str, Stat]]:
+    """Per arm and metric of a :func:`seed_table`, the :class:`Stat` over seeds (metrics that
+    are not lists of numbers, or have no numbers, are left out).
+
+    >>> aggregate({"EW": {"acc": [0.5, 0.7], "name": "x"}})["EW"]["acc"].format(digits=2)
+    '0.60 ± 0.14'
+    """
+    out: dict[Arm, dict[str, Stat]] = {}
+    for arm, metrics in table.items():
+        out[arm] = {}
+        for key, values in metrics.items():
+            if isinstance(values, list | tuple) and all(
+                v is None or isinstance(v, int | float | np.number) for v in values
+            ):
+                summary = stat(values)
+                if summary is not None:
+                    out[arm][key] = summary
+    return out
+
+
+# --------------------------------------------------------------------------- paper claims
+
+REPRODUCES = "reproduces"
+ON_AVERAGE = "same direction on average, not in every seed"
+DOES_NOT_REPRODUCE = "does not reproduce"
+NOT_RUN = "not run"
+NOT_CHECKED = "not checked in a smoke run"
+"""The verdicts on a paper claim, the same words in every experiment (:func:`verdict`)."""
+
+
+def verdict(margins: Sequence[float]) -> str:
+    """The verdict on a claim from per-seed margins, each positive when that seed goes the
+    paper's way: :data:`REPRODUCES` when every seed does, :data:`ON_AVERAGE` when the mean
+    does, :data:`DOES_NOT_REPRODUCE` otherwise; with the count of seeds that do.
+
+    >>> verdict([0.3, 0.1, 0.2])
+    'reproduces (3/3 seeds)'
+    >>> verdict([0.3, -0.1, 0.2])
+    'same direction on average, not in every seed (2/3 seeds)'
+    >>> verdict([-0.3, 0.1])
+    'does not reproduce (1/2 seeds)'
+    """
+    margins = [float(m) for m in margins]
+    if not margins:
+        return NOT_RUN
+    wins, n = sum(m > 0 for m in margins), len(margins)
+    if wins == n:
+        word = REPRODUCES
+    elif float(np.mean(margins)) > 0:
+        word = ON_AVERAGE
+    else:
+        word = DOES_NOT_REPRODUCE
+    return f"{word} ({wins}/{n} seeds)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A paper's claim about two arms (or one arm and a threshold), judged seed by seed.
+
+    Per seed, the measured value is ``scale * (arm - baseline)`` of ``metric`` (the ratio
+    ``arm / baseline`` with ``ratio=True``; ``scale * arm`` with no baseline); the paper's
+    direction holds in a seed when that value is above ``threshold`` (``direction="higher"``)
+    or below it (``"lower"``). Seeds are paired: both arms ran with the same seeds.
+
+    Attributes:
+      paper: who claims it, e.g. ``"F-MTL (Phan et al. 2022), Table 1"``.
+      statement: the claim in words, e.g. ``"F-PCGrad beats PCGrad on average accuracy"``.
+      metric: the per-seed metric compared (a key of the arms' cells).
+      arm: the arm the paper says does better.
+      baseline: the arm it is compared with; ``None`` compares ``arm`` with ``threshold``.
+      direction: ``"higher"`` or ``"lower"``: where the paper puts the measured value.
+      threshold: the value the measured one must pass (0: a plain difference; -2: "within
+        2 points"; 5 with ``ratio``: "5x faster").
+      ratio: measure ``arm / baseline`` instead of the difference.
+      scale: unit of the difference (100: percentage points of a fraction).
+      digits: decimals in the report.
+
+    >>> claim = Claim("Paper 2024", "A beats B", "acc", "A", "B", scale=100)
+    >>> table = {"A": {"acc": [0.80, 0.82]}, "B": {"acc": [0.75, 0.83]}}
+    >>> claim.check(table)["verdict"]
+    'same direction on average, not in every seed (1/2 seeds)'
+    >>> claim.check({"B": {"acc": [0.75]}})["verdict"]
+    'not run (no arm A)'
+    """
+
+    paper: str
+    statement: str
+    metric: str
+    arm: Arm
+    baseline: Arm | None = None
+    direction: str = "higher"
+    threshold: float = 0.0
+    ratio: bool = False
+    scale: float = 1.0
+    digits: int = 1
+
+    def __post_init__(self):
+        if self.direction not in ("higher", "lower"):
+            raise ValueError(f"direction: expected 'higher' or 'lower', got {self.direction!r}")
+        if self.ratio and self.baseline is None:
+            raise ValueError("ratio=True needs a baseline arm")
+
+    def missing(self, table: Mapping[Arm, Mapping[str, Sequence[Any]]]) -> list[str]:
+        """What the claim needs that ``table`` lacks (arms that did not run, the metric)."""
+        out = []
+        for arm in (self.arm, self.baseline):
+            if arm is None:
+                continue
+            if arm not in table:
+                out.append(f"no arm {_arm_name(arm)}")
+            elif self.metric not in table[arm]:
+                out.append(f"no metric {self.metric} for {_arm_name(arm)}")
+        return out
+
+    def values(self, table: Mapping[Arm, Mapping[str, Sequence[Any]]]) -> list[float]:
+        """The measured value per seed (difference, ratio or the arm's own value)."""
+        a = [float(v) for v in table[self.arm][self.metric]]
+        if self.baseline is None:
+            return [self.scale * x for x in a]
+        b = [float(v) for v in table[self.baseline][self.metric]]
+        if len(a) != len(b):
+            raise ValueError(
+                f"claim {self.statement!r}: {len(a)} seeds of {_arm_name(self.arm)} against "
+                f"{len(b)} of {_arm_name(self.baseline)}"
+            )
+        if self.ratio:
+            return [x / y for x, y in zip(a, b, strict=True)]
+        return [self.scale * (x - y) for x, y in zip(a, b, strict=True)]
+
+    def check(
+        self, table: Mapping[Arm, Mapping[str, Sequence[Any]]], *, smoke: bool = False
+    ) -> dict[str, str]:
+        """The claim's row: paper, claim, measured (mean ± std over seeds of the measured
+        value) and verdict (:func:`verdict`; :data:`NOT_RUN` naming what is absent;
+        :data:`NOT_CHECKED` in a smoke run)."""
+        row = {"paper": self.paper, "claim": self.statement, "measured": "", "verdict": ""}
+        missing = self.missing(table)
+        if missing:
+            row["verdict"] = f"{NOT_RUN} ({', '.join(missing)})"
+            return row
+        values = self.values(table)
+        mean, std = mean_std(values)
+        d = self.digits
+        measured = f"{mean:.{d}f}x ± {std:.{d}f}x" if self.ratio else f"{mean:+.{d}f} ± {std:.{d}f}"
+        row["measured"] = measured
+        sign = 1.0 if self.direction == "higher" else -1.0
+        row["verdict"] = (
+            NOT_CHECKED if smoke else verdict([sign * (v - self.threshold) for v in values])
+        )
+        return row
+
+
+def check_claims(
+    claims: Iterable[Claim],
+    table: Mapping[Arm, Mapping[str, Sequence[Any]]],
+    *,
+    smoke: bool = False,
+) -> list[dict[str, str]]:
+    """:meth:`Claim.check` of every claim (the rows of results.json's ``"claims"``)."""
+    return [claim.check(table, smoke=smoke) for claim in claims]
+
+
+def claims_markdown(rows: Sequence[Mapping[str, str]], *, smoke: bool = False) -> str:
+    """The "paper claims" section of summary.md: how verdicts are reached and a table of
+    :func:`check_claims` rows (a smoke run says none were checked).
+
+    >>> print(claims_markdown([], smoke=True))
+    Not checked in a smoke run (a few steps: the numbers are not results).
+    """
+    if smoke:
+        return "Not checked in a smoke run (a few steps: the numbers are not results)."
+    if not rows:
+        return "(no claims)"
+    rule = (
+        f"Verdicts from the per-seed values (seeds paired across arms): '{REPRODUCES}' when "
+        f"every seed goes the paper's way, '{ON_AVERAGE}' when their mean does, "
+        f"'{DOES_NOT_REPRODUCE}' otherwise, '{NOT_RUN}' when an arm it compares was not run. "
+        "measured: mean ± std over seeds of the compared difference (or ratio)."
+    )
+    return rule + "\n\n" + markdown_table(rows, ["paper", "claim", "measured", "verdict"])
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (6.0, 4.2)):
+    """A matplotlib figure (Agg backend) and its axes as a 2-d array, ``size`` per panel.
+
+    >>> fig, axes = figure(1, 2)
+    >>> axes.shape
+    (1, 2)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+
+
+def finish_figure(fig, title: str, *, smoke: bool = False):
+    """Gives ``fig`` its title (with :data:`SMOKE_NOTE` under it in a smoke run); returns
+    ``fig``."""
+    fig.suptitle(f"{title}\n{SMOKE_NOTE}" if smoke else title)
+    return fig
+
+
+def _label(ax, *, xlabel: str, ylabel: str, title: str) -> None:
+    if not (xlabel and ylabel and title):
+        raise ValueError(
+            f"a panel needs a title and axis labels, got {title!r}, {xlabel!r}, {ylabel!r}"
+        )
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def plot_curves(
+    ax,
+    x: Sequence[float],
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    scale: float = 1.0,
+    colors: Mapping[str, str] | None = None,
+    marker: str | None = "o",
+) -> None:
+    """One line per curve at the mean over seeds with a ± std band.
+
+    Args:
+      ax: a matplotlib axes.
+      x: the x values (length P).
+      curves: ``{label: per-seed values}``, each an array (seeds, P) (one seed: no band).
+      xlabel, ylabel, title: the panel's labels (required).
+      scale: multiplies the values (100: fractions shown as %).
+      colors: optional colour per label.
+      marker: the marker of the mean line.
+    """
+    x = np.asarray(x, np.float64)
+    for label, values in curves.items():
+        array = scale * np.asarray(values, np.float64).reshape(-1, len(x))
+        mean = array.mean(axis=0)
+        std = array.std(axis=0, ddof=1) if array.shape[0] > 1 else np.zeros_like(mean)
+        color = (colors or {}).get(label)
+        (line,) = ax.plot(x, mean, marker=marker, label=label, color=color)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+    _label(ax, xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_bars(
+    ax,
+    labels: Sequence[str],
+    values: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    scale: float = 1.0,
+    horizontal: bool = False,
+    points: bool = False,
+    colors: Sequence[str] | None = None,
+    limits: tuple[float, float] | None = None,
+) -> None:
+    """Bars at the mean over seeds with ± std error bars, one per label.
+
+    Args:
+      ax: a matplotlib axes.
+      labels: the bars' names (the categories axis).
+      values: per label, the per-seed values; or ``{series: per label, per-seed values}``
+        for grouped bars (one colour per series, with a legend).
+      xlabel, ylabel, title: the panel's labels (required; with ``horizontal`` the
+        categories are on the y axis, so ``ylabel`` names them).
+      scale: multiplies the values (100: fractions shown as %).
+      horizontal: horizontal bars (long names stay readable; the first on top).
+      points: points with error bars instead of bars, on an axis zoomed to the data (a
+        bar's length on an axis that does not start at 0, or on a log axis, misleads).
+      colors: optional colour per label (one series).
+      limits: the value axis' limits (e.g. ``(0, 100)`` for a percentage).
+    """
+    series = dict(values) if isinstance(values, Mapping) else {None: values}
+    positions = np.arange(len(labels), dtype=np.float64)
+    width = 0.8 / len(series)
+    lows, highs = [], []
+    for i, (name, per_label) in enumerate(series.items()):
+        if len(per_label) != len(labels):
+            raise ValueError(f"values: expected {len(labels)} entries, got {len(per_label)}")
+        stats = [stat(scale * float(v) for v in seeds) for seeds in per_label]
+        means = np.array([np.nan if s is None else s.mean for s in stats])
+        stds = np.array([0.0 if s is None else s.std for s in stats])
+        lows.append(np.nanmin(means - stds))
+        highs.append(np.nanmax(means + stds))
+        where = positions + (i - (len(series) - 1) / 2) * width
+        style = {"label": name} if name is not None else {}
+        if colors is not None and name is None:
+            style["color"] = list(colors)
+        if points:
+            point_colors = style.get("color") or [f"C{i}"] * len(where)
+            error = "xerr" if horizontal else "yerr"
+            for p, m, s, c in zip(where, means, stds, point_colors, strict=True):
+                xy = (m, p) if horizontal else (p, m)
+                ax.errorbar(*xy, **{error: s}, fmt="o", capsize=4, color=c)
+            if name is not None:
+                ax.plot([], [], "o", color=f"C{i}", label=name)
+        elif horizontal:
+            ax.barh(where, means, height=width, xerr=stds, capsize=3, **style)
+        else:
+            ax.bar(where, means, width=width, yerr=stds, capsize=3, **style)
+    if horizontal:
+        ax.set_yticks(positions, labels, fontsize=8)
+        ax.invert_yaxis()
+    else:
+        ax.set_xticks(
+            positions,
+            labels,
+            rotation=30 if len(labels) > 3 else 0,
+            ha="right" if len(labels) > 3 else "center",
+            fontsize=8,
+        )
+    if limits is None and points:
+        low, high = float(np.nanmin(lows)), float(np.nanmax(highs))
+        pad = max(0.15 * (high - low), 1e-3 * max(abs(high), 1.0))
+        limits = (low - pad, high + pad)
+    if limits is not None:
+        (ax.set_xlim if horizontal else ax.set_ylim)(*limits)
+    _label(ax, xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(axis="x" if horizontal else "y", alpha=0.3)
+    if len(series) > 1 or next(iter(series)) is not None:
+        ax.legend(fontsize=8)
+
+
+def plot_heatmaps(
+    axes: Sequence[Any],
+    matrices: Mapping[str, Any],
+    *,
+    xlabel: str,
+    ylabel: str,
+    colorbar_label: str,
+    xticks: Sequence[str] | None = None,
+    yticks: Sequence[str] | None = None,
+    cmap: str = "viridis",
+    limits: tuple[float, float] | None = None,
+    annotate: str | None = "{:.2f}",
+):
+    """One heat map per matrix on ``axes`` (titled by the matrix's name) with ONE colour
+    scale shared by all of them (``limits``, default the overall min and max; a diverging
+    ``cmap`` such as ``"RdBu_r"`` centres it on 0) and one colour bar; returns the image.
+
+    ``annotate`` writes each value into its cell (a format string; ``None``: no text).
+    """
+    arrays = {name: np.asarray(m, np.float64) for name, m in matrices.items()}
+    if len(arrays) != len(axes):
+        raise ValueError(f"axes: expected {len(arrays)} for the matrices, got {len(axes)}")
+    if limits is None:
+        low = min(float(np.nanmin(a)) for a in arrays.values())
+        high = max(float(np.nanmax(a)) for a in arrays.values())
+        if cmap.endswith(("RdBu", "RdBu_r", "coolwarm", "bwr", "seismic")):
+            low, high = -max(abs(low), abs(high)), max(abs(low), abs(high))
+        limits = (low, high)
+    image = None
+    for ax, (name, array) in zip(axes, arrays.items(), strict=True):
+        image = ax.imshow(array, cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+        rows, cols = array.shape
+        ax.set_xticks(
+            range(cols),
+            xticks or [str(j) for j in range(cols)],
+            fontsize=8,
+            rotation=45 if xticks and max(map(len, xticks)) > 3 else 0,
+        )
+        ax.set_yticks(range(rows), yticks or [str(i) for i in range(rows)], fontsize=8)
+        if annotate:
+            for (i, j), v in np.ndenumerate(array):
+                r, g, b, _ = image.cmap(image.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(
+                    j,
+                    i,
+                    annotate.format(v),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
+        _label(ax, xlabel=xlabel, ylabel=ylabel, title=name)
+    figure_ = axes[0].get_figure()
+    figure_.colorbar(image, ax=list(axes), label=colorbar_label, shrink=0.9)
+    return image
