@@ -880,7 +880,10 @@ def kernel_analysis(
       ``kernel_eigenvectors`` eigenvalues and each eigenvector's mass per task
       (``eigenfunction_localization``); ``localization`` is the mean over those
       eigenvectors of their largest task mass (1 = every eigenfunction on one task,
-      ``1 / T`` = spread evenly).
+      ``1 / T`` = spread evenly). The raw kernel's top eigenvectors sit on the task whose
+      kernel is largest in scale; ``localization_normalized`` repeats the measurement on
+      the cosine-normalized kernel ``k(x, x') / sqrt(k(x, x) k(x', x'))``, where scale
+      differences between tasks no longer decide.
     """
     k, num = config.kernel_examples, len(tasks)
     x = np.concatenate([t.validation["x"][:k] for t in tasks])
@@ -911,7 +914,16 @@ def kernel_analysis(
     top = min(config.kernel_eigenvectors, len(ids))
     values, mass = eigenfunction_localization(ntk, jnp.asarray(ids), num, top=top)
     mass = np.asarray(mass)
+    # the raw kernel's top eigenvectors follow the task with the largest kernel scale; the
+    # normalized kernel k(x, x') / sqrt(k(x, x) k(x', x')) asks for task structure alone
+    diag = jnp.sqrt(jnp.clip(jnp.diag(ntk), 1e-30, None))
+    _, mass_n = eigenfunction_localization(
+        ntk / jnp.outer(diag, diag), jnp.asarray(ids), num, top=top
+    )
+    mass_n = np.asarray(mass_n)
     return {
+        "eigen_mass_normalized": mass_n.tolist(),
+        "localization_normalized": float(mass_n.max(axis=1).mean()),
         "gradient_cosine_within": within,
         "gradient_cosine_across": across,
         "gradient_cosine_ratio": across / within if within > 0 else float("nan"),
@@ -1414,9 +1426,11 @@ def aggregate(seeds: list[dict], config: Config) -> dict:
             "gradient_cosine_across",
             "gradient_cosine_ratio",
             "localization",
+            "localization_normalized",
         )
     }
     out["kernel"]["eigen_mass"] = [s["kernel"]["eigen_mass"] for s in seeds]
+    out["kernel"]["eigen_mass_normalized"] = [s["kernel"]["eigen_mass_normalized"] for s in seeds]
     out["kernel"]["cosines"] = seeds[0]["kernel"]["cosines"]
     out["heatmap_alphas"] = seeds[0]["disentanglement"]["fine_alphas"]
     for method in ATLAS_METHODS:
@@ -1532,8 +1546,10 @@ def claims(agg: dict) -> list[str]:
         f"{pm(ratio, 1.0, 2)} (below 1 in {sum(r < 1 for r in ratio)}/{len(ratio)} seeds; "
         f"within {pm(kernel['gradient_cosine_within'], 1.0, 3)}, across "
         f"{pm(kernel['gradient_cosine_across'], 1.0, 3)}); largest task mass of the top NTK "
-        f"eigenvectors {pm(local, 1.0, 2)} (1 = localized, {1 / len(agg['tasks']):.2f} = "
-        "spread evenly). A property of theta_0, shared by both fine-tuning modes."
+        f"eigenvectors {pm(local, 1.0, 2)} raw, "
+        f"{pm(kernel['localization_normalized'], 1.0, 2)} cosine-normalized (1 = localized, "
+        f"{1 / len(agg['tasks']):.2f} = spread evenly). A property of theta_0, shared by both "
+        "fine-tuning modes."
     )
     d_single = _diff(single["nonlinear"]["per_task"], single["linear"]["per_task"])
     out.append(
@@ -1727,7 +1743,9 @@ def summary_markdown(agg: dict, config: Config, seconds: float) -> str:
         "per-example loss-gradient cosines within a task and across tasks, and the largest "
         f"task mass of the top {config.kernel_eigenvectors} eigenvectors of the empirical NTK "
         "(logits projected on a Gaussian direction per example; 1 = localized, "
-        f"{1 / len(names):.2f} = spread evenly); see kernel.png.",
+        f"{1 / len(names):.2f} = spread evenly), of the raw kernel (whose top eigenvectors "
+        "follow the task with the largest kernel scale) and of the cosine-normalized kernel "
+        "k(x, x') / sqrt(k(x, x) k(x', x')); see kernel.png.",
         "",
         jexp.markdown_table(
             [
@@ -1736,6 +1754,7 @@ def summary_markdown(agg: dict, config: Config, seconds: float) -> str:
                     "cosine across": pm(kernel["gradient_cosine_across"], 1.0, 3),
                     "across / within": pm(kernel["gradient_cosine_ratio"], 1.0, 2),
                     "NTK eigenvector localization": pm(kernel["localization"], 1.0, 2),
+                    "normalized NTK": pm(kernel["localization_normalized"], 1.0, 2),
                 }
             ]
         ),
@@ -1848,7 +1867,7 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
         run_dir.savefig(fig, "disentanglement")
 
     kernel, names = agg["kernel"], agg["tasks"]
-    fig, (ax_cos, ax_mass) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    fig, (ax_cos, ax_mass, ax_norm) = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
     if kernel["cosines"]:
         image = ax_cos.imshow(np.asarray(kernel["cosines"]), cmap="RdBu_r", vmin=-1, vmax=1)
         k = config.kernel_examples
@@ -1857,17 +1876,22 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
         ax_cos.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax_cos.set_yticklabels(names, fontsize=7)
         fig.colorbar(image, ax=ax_cos, shrink=0.8)
-    mass = np.asarray(kernel["eigen_mass"][0])
-    bottom = np.zeros(len(mass))
-    for t, name in enumerate(names):
-        ax_mass.bar(np.arange(1, len(mass) + 1), mass[:, t], bottom=bottom, label=name)
-        bottom += mass[:, t]
-    ax_mass.set(
-        xlabel="NTK eigenvector (by decreasing eigenvalue)",
-        ylabel="mass on each task's inputs",
-        title="Eigenfunction localization at theta_0 (seed 0)",
+    panels = (
+        (ax_mass, "eigen_mass", "NTK eigenvectors' task mass at theta_0 (seed 0)"),
+        (ax_norm, "eigen_mass_normalized", "the same, cosine-normalized NTK"),
     )
-    ax_mass.legend(fontsize=7)
+    for ax, key, title in panels:
+        mass = np.asarray(kernel[key][0])
+        bottom = np.zeros(len(mass))
+        for t, name in enumerate(names):
+            ax.bar(np.arange(1, len(mass) + 1), mass[:, t], bottom=bottom, label=name)
+            bottom += mass[:, t]
+        ax.set(
+            xlabel="eigenvector (by decreasing eigenvalue)",
+            ylabel="mass on each task's inputs",
+            title=title,
+        )
+        ax.legend(fontsize=7)
     run_dir.savefig(fig, "kernel")
 
 

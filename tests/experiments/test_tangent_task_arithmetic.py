@@ -137,7 +137,8 @@ def test_tangent_task_arithmetic_smoke(tmp_path, monkeypatch):
     mass = np.asarray(kernel["eigen_mass"][0])
     assert mass.shape == (effective.kernel_eigenvectors, num_tasks)
     np.testing.assert_allclose(mass.sum(axis=1), 1.0, atol=1e-4)
-    assert all(1.0 / num_tasks - 1e-6 <= v <= 1.0 + 1e-6 for v in kernel["localization"])
+    for key in ("localization", "localization_normalized"):
+        assert all(1.0 / num_tasks - 1e-6 <= v <= 1.0 + 1e-6 for v in kernel[key]), key
     assert results["commit"] and "tangent_task_arithmetic" in results["command"]
     # one jitted step per fine-tuning mode, reused by every task's cell
     (steps,) = built
