@@ -81,6 +81,7 @@ __all__ = [
     "run_cells",
     "seed_table",
     "stat",
+    "undocumented_fields",
     "verdict",
 ]
 
@@ -148,7 +149,7 @@ def cli(config_cls: type[ConfigT], run: Callable[[ConfigT], Any], *, args=None) 
     if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
         raise TypeError(f"config_cls must be a dataclass type, got {config_cls!r}")
     description = (config_cls.__doc__ or "").strip() or None
-    config = tyro.cli(config_cls, args=args, description=description)
+    config = tyro.cli(config_cls, args=args, description=description, prog=_prog(run))
     global _ANNOUNCE
     before, announce = len(_OPENED), _ANNOUNCE
     _ANNOUNCE = True
@@ -163,6 +164,35 @@ def cli(config_cls: type[ConfigT], run: Callable[[ConfigT], Any], *, args=None) 
     for opened in _OPENED[before:]:
         print(f"run directory: {opened.path} (done)", flush=True)
     return result
+
+
+def _prog(run: Callable) -> str | None:
+    """``python -m experiments.NAME``: the usage line of the experiment module ``run`` is
+    defined in (``None`` for a function defined elsewhere than in a module file)."""
+    module = getattr(run, "__module__", None)
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else None
+    if not module or module.startswith(("__", "<")):
+        return None
+    return f"python -m {module}"
+
+
+def undocumented_fields(config_cls: type) -> list[str]:
+    """The fields of ``config_cls`` that ``--help`` would show without a description (no
+    comment beside the field, no docstring under it): each option should say what it does.
+    tyro reads the descriptions from the source file, so a class defined interactively has
+    none. In an experiment's test::
+
+        assert undocumented_fields(loss_zoo.Config) == []
+    """
+    from tyro import _docstrings
+
+    return [
+        f.name
+        for f in dataclasses.fields(config_cls)
+        if not _docstrings.get_field_docstring(config_cls, f.name, ())
+    ]
 
 
 # --------------------------------------------------------------------------- JSON
@@ -1198,7 +1228,7 @@ class Claim:
                 continue
             if arm not in table:
                 out.append(f"no arm {_arm_name(arm)}")
-            elif self.metric not in table[arm]:
+            elif self.metric not in table[arm] or any(v is None for v in table[arm][self.metric]):
                 out.append(f"no metric {self.metric} for {_arm_name(arm)}")
         return out
 
@@ -1277,15 +1307,21 @@ def figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (6.0, 
     """A matplotlib figure (Agg backend) and its axes as a 2-d array, ``size`` per panel.
 
     >>> fig, axes = figure(1, 2)
-    >>> axes.shape
-    (1, 2)
+    >>> axes.shape, type(fig.get_layout_engine()).__name__
+    ((1, 2), 'ConstrainedLayoutEngine')
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return plt.subplots(
+        nrows,
+        ncols,
+        figsize=(size[0] * ncols, size[1] * nrows),
+        squeeze=False,
+        layout="constrained",  # room for titles, tick labels and shared colour bars
+    )
 
 
 def finish_figure(fig, title: str, *, smoke: bool = False):

@@ -178,3 +178,14 @@ def test_heat_maps_share_the_scale_of_all_matrices():
         colorbar_label="v",
     )
     assert {im.get_clim() for ax in axes[0] for im in ax.get_images()} == {(0.0, 4.0)}
+
+
+@pytest.mark.parametrize("name", ["loss_zoo", "multitask_flat", "zloss_large_output"])
+def test_usage_line_names_the_module_and_every_option_is_documented(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"experiments.{name}")
+    assert jexp.undocumented_fields(module.Config) == []
+    with pytest.raises(SystemExit):
+        jexp.cli(module.Config, module.run, args=["--help"])
+    assert f"usage: python -m experiments.{name} " in capsys.readouterr().out
