@@ -70,35 +70,32 @@ class Config:
     """Loss-zoo settings; the defaults run in a few minutes on 2 CPU cores."""
 
     smoke: bool = False  # a few training steps, for tests (seconds)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    out_dir: str = "runs/loss_zoo"
+    seeds: tuple[int, ...] = (0, 1, 2)  # one model per seed and method, trained together
+    out_dir: str = "runs/loss_zoo"  # where the run directories go (smoke runs: out_dir/smoke)
     resume: str | None = None  # "latest" or a run directory: finished parts are not redone
-    hidden: int = 128
-    learning_rate: float = 1e-3
-    batch_size: int = 128
-    log_every: int = 250
-    # (a) symmetric label noise
-    noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4)
-    noise_steps: int = 2000
-    gce_q: float = 0.7  # GCE q (comp-sum tau = 1 + q); Zhang & Sabuncu's default
-    # (b) imbalanced binary task
-    positive_digit: int = 8
-    positive_keep: float = 0.3  # fraction of training positives kept (about 1:30)
-    binary_steps: int = 1000
-    anyloss_scale: float = 73.0  # AnyLoss amplifier L
-    focal_gamma: float = 2.0
-    dequity_eta: float = 0.3  # DatasetEquity (eta, gamma) = (0.3, 2), a documented setting;
-    dequity_gamma: float = 2.0  # the README default (1, 5) is nearly flat for p > 0.3
-    dequity_clusters: int = 20  # k-means clusters for the appearance likelihood
-    # (c) embeddings
-    seen_classes: int = 6  # train on digits < seen_classes, unseen ones for zero-shot recall
-    embed_dim: int = 32
-    embed_steps: int = 1000
-    temperatures: tuple[float, ...] = (0.1, 1.0)
-    ms_per_class: int = 16  # P x K batches: all seen classes x this many
-    episode_way: int = 5
-    episode_shot: int = 5
-    episode_query: int = 10
+    hidden: int = 128  # width of the MLP's two hidden layers
+    learning_rate: float = 1e-3  # Adam's learning rate, every part
+    batch_size: int = 128  # examples per step (parts (a), (b) and NT-Xent)
+    log_every: int = 250  # steps per compiled chunk; the chunk's mean loss is logged
+    noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4)  # (a) symmetric label-noise rates
+    noise_steps: int = 2000  # (a) training steps per model
+    gce_q: float = 0.7  # (a) GCE q (comp-sum tau = 1 + q); Zhang & Sabuncu's default
+    positive_digit: int = 8  # (b) the positive class of the imbalanced binary task
+    positive_keep: float = 0.3  # (b) fraction of training positives kept (about 1:30)
+    binary_steps: int = 1000  # (b) training steps per model
+    anyloss_scale: float = 73.0  # (b) AnyLoss amplifier L
+    focal_gamma: float = 2.0  # (b) focal loss gamma
+    dequity_eta: float = 0.3  # (b) DatasetEquity eta; (0.3, 2) is a documented setting
+    dequity_gamma: float = 2.0  # (b) DatasetEquity gamma (the README's 5 is flat for p > 0.3)
+    dequity_clusters: int = 20  # (b) k-means clusters for the appearance likelihood
+    seen_classes: int = 6  # (c) train on digits < seen_classes, unseen ones for zero-shot recall
+    embed_dim: int = 32  # (c) embedding dimension (the MLP's output)
+    embed_steps: int = 1000  # (c) training steps per model
+    temperatures: tuple[float, ...] = (0.1, 1.0)  # (c) NT-Xent temperatures compared
+    ms_per_class: int = 16  # (c) P x K batches: all seen classes x this many
+    episode_way: int = 5  # (c) ProtoNet episodes: classes per episode
+    episode_shot: int = 5  # (c) ProtoNet episodes: support examples per class
+    episode_query: int = 10  # (c) ProtoNet episodes: query examples per class
 
     def effective(self) -> Config:
         """The configuration actually run (the smoke option shrinks the training)."""
@@ -619,101 +616,128 @@ def run_embeddings(config: Config, arrays: dict[str, np.ndarray], log: Callable)
 
 
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    mean, std = jexp.mean_std([v * scale for v in values])
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return jexp.format_mean_std(values, digits=digits, scale=scale)
 
 
-def verdict(larger: list[float], smaller: list[float]) -> str:
-    """Whether ``mean(larger) > mean(smaller)`` beyond seed noise: "yes" when the difference
-    exceeds its standard error ``sqrt(s_a^2 / n_a + s_b^2 / n_b)``, "no" when it is below minus
-    that, "within noise" otherwise (always "within noise" with a single seed)."""
-    a, b = np.asarray(larger, np.float64), np.asarray(smaller, np.float64)
-    if min(a.size, b.size) < 2:
-        return "within noise"
-    diff = a.mean() - b.mean()
-    error = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
-    if diff > error:
-        return "yes"
-    return "no" if diff < -error else "within noise"
+def claim_table(results: dict) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """The per-seed metrics of every arm as the claims read them: ``{(part, method):
+    {metric: [value per seed]}}`` (part (a)'s metric ``"acc 0.4"`` is the accuracy at 40 %
+    label noise)."""
+    table = {
+        ("noise", name): {f"acc {rate}": values for rate, values in per_rate.items()}
+        for name, per_rate in results["noise"].items()
+    }
+    for part in ("imbalanced", "embeddings"):
+        for name, metrics in results[part].items():
+            if isinstance(metrics, dict):
+                table[(part, name)] = metrics
+    return table
 
 
-def claims(results: dict, config: Config) -> list[dict[str, str]]:
-    """Paper claims checked on this run (see :func:`verdict` for the rule)."""
+def claims(results: dict, config: Config) -> list[jexp.Claim]:
+    """The papers' claims checked on this run, as :class:`jaxmtl.experiment.Claim` s over
+    :func:`claim_table` (differences in points, seeds paired)."""
     out = []
-
-    def claim(paper: str, text: str, larger: list[float], smaller: list[float]) -> None:
-        out.append({"paper": paper, "claim": text, "reproduced": verdict(larger, smaller)})
-
-    noise, imb, emb = results["noise"], results["imbalanced"], results["embeddings"]
+    noise, emb = results["noise"], results["embeddings"]
     comp_sum = "comp-sum losses (Mao et al. 2023)"
     top = f"{max(config.noise_rates):g}"
     gce = next(k for k in noise if k.startswith("GCE"))
     if top != "0":
-        for name in (gce, "MAE"):
-            text = f"{name} (tau > 1) beats CE at {top} symmetric label noise"
-            claim(comp_sum, text, noise[name][top], noise["CE"][top])
+        out += [
+            jexp.Claim(
+                comp_sum,
+                f"{name} (tau > 1) beats CE at {top} symmetric label noise",
+                f"acc {top}",
+                ("noise", name),
+                ("noise", "CE"),
+                scale=100,
+            )
+            for name in (gce, "MAE")
+        ]
     if "0" in noise["CE"]:
-        claim(
-            comp_sum,
-            "MAE (tau = 2) trains slowest: lower clean accuracy than CE",
-            noise["CE"]["0"],
-            noise["MAE"]["0"],
+        text = "MAE (tau = 2) trains slowest: lower clean accuracy than CE"
+        out.append(
+            jexp.Claim(comp_sum, text, "acc 0", ("noise", "CE"), ("noise", "MAE"), scale=100)
         )
-    ce = next(k for k in imb if k.startswith("CE"))
-    gfl = next(k for k in imb if k.startswith("DatasetEquity"))
-    claim(
-        "DatasetEquity (Shrivastava et al. 2023)",
-        "the GFL weight raises minority (positive) recall over plain BCE",
-        imb[gfl]["recall"],
-        imb[ce]["recall"],
-    )
-    claim(
-        "AnyLoss (Han et al. 2024)",
-        "AnyLoss-F1 reaches a higher test F1 than BCE under imbalance",
-        imb["AnyLoss-F1"]["f1"],
-        imb[ce]["f1"],
-    )
+    imb = [k for k in results["imbalanced"] if isinstance(results["imbalanced"][k], dict)]
+    ce = ("imbalanced", next(k for k in imb if k.startswith("CE")))
+    gfl = ("imbalanced", next(k for k in imb if k.startswith("DatasetEquity")))
+    out += [
+        jexp.Claim(
+            "DatasetEquity (Shrivastava et al. 2023)",
+            "the GFL weight raises minority (positive) recall over plain BCE",
+            "recall",
+            gfl,
+            ce,
+            scale=100,
+        ),
+        jexp.Claim(
+            "AnyLoss (Han et al. 2024)",
+            "AnyLoss-F1 reaches a higher test F1 than BCE under imbalance",
+            "f1",
+            ("imbalanced", "AnyLoss-F1"),
+            ce,
+            scale=100,
+        ),
+    ]
     if len(set(config.temperatures)) >= 2:
-        low = nt_xent_name(min(config.temperatures))
-        high = nt_xent_name(max(config.temperatures))
+        low = ("embeddings", nt_xent_name(min(config.temperatures)))
+        high = ("embeddings", nt_xent_name(max(config.temperatures)))
         wang_liu = "contrastive temperature (Wang & Liu 2021)"
         pair = f"tau = {min(config.temperatures):g} vs {max(config.temperatures):g}"
-        text = f"smaller tau is more uniform (lower L_unif), {pair}"
-        claim(wang_liu, text, emb[high]["uniformity"], emb[low]["uniformity"])
-        text = f"smaller tau is less tolerant, {pair}"
-        claim(wang_liu, text, emb[high]["tolerance"], emb[low]["tolerance"])
+        out += [
+            jexp.Claim(
+                wang_liu,
+                f"smaller tau is more uniform (lower L_unif), {pair}",
+                "uniformity",
+                low,
+                high,
+                direction="lower",
+                digits=3,
+            ),
+            jexp.Claim(
+                wang_liu,
+                f"smaller tau is less tolerant, {pair}",
+                "tolerance",
+                low,
+                high,
+                direction="lower",
+                digits=3,
+            ),
+        ]
     proto = "Proto-Triplet (Mendez-Ruiz et al. 2023)"
-    with_pt, plain = emb["ProtoNet + Proto-Triplet"], emb["ProtoNet (CE)"]
-    text = "adding Proto-Triplet to ProtoNet raises unseen-digit recall@1"
-    claim(proto, text, with_pt["recall@1 unseen"], plain["recall@1 unseen"])
-    text = "adding Proto-Triplet raises the ICNN score of unseen-digit embeddings"
-    claim(proto, text, with_pt["ICNN unseen"], plain["ICNN unseen"])
+    with_pt, plain = ("embeddings", "ProtoNet + Proto-Triplet"), ("embeddings", "ProtoNet (CE)")
+    out += [
+        jexp.Claim(
+            proto,
+            "adding Proto-Triplet to ProtoNet raises unseen-digit recall@1",
+            "recall@1 unseen",
+            with_pt,
+            plain,
+            scale=100,
+        ),
+        jexp.Claim(
+            proto,
+            "adding Proto-Triplet raises the ICNN score of unseen-digit embeddings",
+            "ICNN unseen",
+            with_pt,
+            plain,
+            digits=3,
+        ),
+    ]
     others = ["ProtoNet (CE)", "ProtoNet + Proto-Triplet"]
     best = max(others, key=lambda k: np.mean(emb[k]["recall@1 unseen"]))
-    claim(
-        "Multi-Similarity (Wang et al. 2019)",
-        f"MS loss beats the best other supervised loss here ({best}) on unseen recall@1",
-        emb["multi-similarity"]["recall@1 unseen"],
-        emb[best]["recall@1 unseen"],
+    out.append(
+        jexp.Claim(
+            "Multi-Similarity (Wang et al. 2019)",
+            f"MS loss beats the best other supervised loss here ({best}) on unseen recall@1",
+            "recall@1 unseen",
+            ("embeddings", "multi-similarity"),
+            ("embeddings", best),
+            scale=100,
+        )
     )
     return out
-
-
-def _claims_lines(results: dict, config: Config) -> list[str]:
-    if config.smoke:
-        return ["Not checked in a smoke run (a few steps: the numbers are not results).", ""]
-    return [
-        "'yes': the difference of means exceeds its standard error over seeds; 'no': it is "
-        "that large the other way; 'within noise': neither.",
-        "",
-        jexp.markdown_table(
-            [
-                {"paper": c["paper"], "claim": c["claim"], "reproduced": c["reproduced"]}
-                for c in results["claims"]
-            ]
-        ),
-        "",
-    ]
 
 
 def summary_markdown(results: dict, config: Config, seconds: float) -> str:
@@ -771,7 +795,8 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
         "",
         "## Paper claims at this scale",
         "",
-        *_claims_lines(results, config),
+        jexp.claims_markdown(results["claims"], smoke=config.smoke),
+        "",
         f"Wall time {seconds:.0f} s. Command: `python -m experiments.loss_zoo"
         f"{' --smoke' if config.smoke else ''}`.",
         "",
@@ -784,65 +809,33 @@ def plot(results: dict, config: Config, run_dir: jexp.RunDir) -> Path:
     return run_dir.savefig(figure(results, config), NAME)
 
 
-def _mean_std_pct(values: list[float]) -> tuple[float, float]:
-    mean, std = jexp.mean_std([100 * v for v in values])
-    return mean, std
-
-
-def _barh(ax, names: list[str], values: list[list[float]], xlabel: str, title: str) -> None:
-    """Horizontal bars (mean ± std over seeds, %): long method names stay readable."""
-    stats = [_mean_std_pct(v) for v in values]
-    y = np.arange(len(names))
-    ax.barh(y, [m for m, _ in stats], xerr=[s for _, s in stats], capsize=3, color="tab:blue")
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()  # first entry on top, as in the tables
-    ax.set_xlim(0, 100)
-    ax.set(xlabel=xlabel, title=title)
-    ax.grid(axis="x", alpha=0.3)
-
-
 def figure(results: dict, config: Config):
     """The four panels of loss_zoo.png: (a) accuracy against label noise, (b) F1 under
     imbalance, (c) zero-shot recall@1, (d) uniformity against tolerance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    ax = axes[0, 0]
-    for name, per_rate in results["noise"].items():
-        rates = [float(r) for r in per_rate]
-        stats = [_mean_std_pct(v) for v in per_rate.values()]
-        ax.errorbar(
-            rates, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-            label=name,
-        )  # fmt: skip
-    ax.set(
+    fig, axes = jexp.figure(2, 2, size=(7.0, 4.5))
+    noise = results["noise"]
+    rates = [float(r) for r in next(iter(noise.values()))]
+    jexp.plot_curves(
+        axes[0, 0],
+        rates,
+        {name: np.transpose(list(per_rate.values())) for name, per_rate in noise.items()},
+        scale=100,
         xlabel="symmetric label-noise rate",
         ylabel="test accuracy (%)",
         title="(a) label noise: test accuracy",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     imb = {k: v for k, v in results["imbalanced"].items() if isinstance(v, dict)}
-    _barh(
-        axes[0, 1],
-        list(imb),
-        [v["f1"] for v in imb.values()],
-        "test F1 at threshold 0.5 (%)",
-        f"(b) imbalance: digit {config.positive_digit} vs rest",
-    )
-    axes[0, 1].set_ylabel("loss")
     emb = results["embeddings"]
-    _barh(
-        axes[1, 0],
-        list(emb),
-        [v["recall@1 unseen"] for v in emb.values()],
-        "recall@1 on unseen digits (%)",
-        f"(c) zero-shot retrieval (trained on digits 0-{config.seen_classes - 1})",
-    )
-    axes[1, 0].set_ylabel("embedding")
+    panels = [  # (axes, methods, metric, value label, category label, title), % of 0-100
+        (axes[0, 1], imb, "f1", "test F1 at threshold 0.5 (%)", "loss",
+         f"(b) imbalance: digit {config.positive_digit} vs rest"),
+        (axes[1, 0], emb, "recall@1 unseen", "recall@1 on unseen digits (%)", "embedding",
+         f"(c) zero-shot retrieval (trained on digits 0-{config.seen_classes - 1})"),
+    ]  # fmt: skip
+    for ax, methods, metric, xlabel, ylabel, title in panels:
+        values = [m[metric] for m in methods.values()]
+        jexp.plot_bars(ax, list(methods), values, scale=100, horizontal=True, limits=(0, 100),
+                       xlabel=xlabel, ylabel=ylabel, title=title)  # fmt: skip
     ax = axes[1, 1]
     for name, m in emb.items():
         ax.scatter(np.mean(m["uniformity"]), np.mean(m["tolerance"]), label=name, s=40)
@@ -855,11 +848,7 @@ def figure(results: dict, config: Config):
     ax.legend(fontsize=8)
     n = len(config.seeds)
     title = f"Loss zoo on scikit-learn digits (mean ± std over {n} seed{'s' if n > 1 else ''})"
-    if config.smoke:
-        title += f"\n{jexp.SMOKE_NOTE}"
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return jexp.finish_figure(fig, title, smoke=config.smoke)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -889,7 +878,8 @@ def run(config: Config) -> dict:
         stored = run_dir.cached_json(f"part_{name}.json", stamp, compute)
         results[name] = stored["results"]
         results["part_seconds"][name] = stored["seconds"]
-    results["claims"] = claims(results, effective)
+    rows = claim_table(results)
+    results["claims"] = jexp.check_claims(claims(results, effective), rows, smoke=effective.smoke)
     # Training time of the parts (also when reused from an earlier, interrupted run).
     reused = sum(t for name, t in results["part_seconds"].items() if name not in computed)
     seconds = reused + time.perf_counter() - start

@@ -4,13 +4,31 @@ import dataclasses
 import json
 import math
 
+import pytest
+
 from experiments import loss_zoo
+from jaxmtl import experiment as jexp
 
 
 def _one(root, name):
     found = sorted(root.rglob(name))
     assert found, f"{name} not written under {root}"
     return found[0]
+
+
+# Numbers of the smoke run below (seeds 0 and 1) computed by the code BEFORE it moved onto
+# the jaxmtl.experiment harness (commit 9f13c94's experiments/loss_zoo.py): the move must not
+# change any result.
+BEFORE_MOVE = {
+    ("noise", "CE", "0.4"): [0.8104089219330854, 0.7992565055762082],
+    ("noise", "MAE", "0"): [0.7620817843866171, 0.8066914498141264],
+    ("imbalanced", "AnyLoss-F1", "f1"): [0.7222222222222222, 0.6666666666666666],
+    ("embeddings", "multi-similarity", "recall@1 unseen"): [0.8659793734550476, 0.8969072103500366],
+    ("embeddings", "ProtoNet + Proto-Triplet", "uniformity"): [
+        -0.9696321487426758,
+        -0.9141578674316406,
+    ],
+}
 
 
 def test_loss_zoo_smoke(tmp_path):
@@ -34,9 +52,12 @@ def test_loss_zoo_smoke(tmp_path):
     for name, scores in results["embeddings"].items():
         assert all(0.25 < r <= 1.0 for r in scores["recall@1 seen"]), name
         assert all(math.isfinite(u) for u in scores["uniformity"]), name
+    for (part, name, key), before in BEFORE_MOVE.items():
+        assert results[part][name][key] == pytest.approx(before, rel=1e-6, abs=1e-7), key
+    assert all(c["verdict"] == jexp.NOT_CHECKED for c in results["claims"])
     summary = _one(tmp_path, "summary.md").read_text()
     assert "| loss |" in summary
-    assert "Smoke run: numbers are not results" in summary and "| reproduced |" not in summary
+    assert "Smoke run: numbers are not results" in summary and "| verdict |" not in summary
     assert _one(tmp_path, "loss_zoo.png").parent.parent.name == "smoke"
 
     # Resuming the finished run reuses every part (no training: the same part times).
@@ -96,3 +117,17 @@ def test_figure_panels_are_distinct_labelled_and_ticks_do_not_overlap():
         assert fig.get_suptitle()
     finally:
         plt.close(fig)
+
+
+def test_claims_on_fake_results_use_the_shared_verdicts():
+    config = loss_zoo.Config()
+    results = _fake_results(config)
+    results["noise"]["GCE"]["0.4"] = [0.7, 0.7]  # GCE beats CE (0.5, 0.6) in both seeds
+    rows = jexp.check_claims(loss_zoo.claims(results, config), loss_zoo.claim_table(results))
+    by_claim = {row["claim"]: row["verdict"] for row in rows}
+    assert by_claim["GCE (tau > 1) beats CE at 0.4 symmetric label noise"] == (
+        "reproduces (2/2 seeds)"
+    )
+    assert by_claim["MAE (tau > 1) beats CE at 0.4 symmetric label noise"] == (
+        "does not reproduce (0/2 seeds)"
+    )
