@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -82,26 +80,26 @@ class Config:
     """F-MTL / Rep-MTL study settings; the defaults run in minutes on 2 CPU cores."""
 
     smoke: bool = False  # a few steps on one data set, for tests (seconds)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    out_dir: str = "runs/multitask_flat"
+    seeds: tuple[int, ...] = (0, 1, 2)  # each sets a cell's initialization and batch order
+    out_dir: str = "runs/multitask_flat"  # where the run directories go (smoke: out_dir/smoke)
     resume: str | None = None  # "latest" or a run directory: finished cells are not redone
-    datasets: tuple[str, ...] = ("multi_digits", "shapes")
-    aggregators: tuple[str, ...] = ("mean", "mgda", "pcgrad", "cagrad", "upgrad")
-    direct: tuple[str, ...] = ("mgda",)  # aggregators also run as F-AGG (direct)
+    datasets: tuple[str, ...] = ("multi_digits", "shapes")  # jaxmtl.data multi-task loaders
+    aggregators: tuple[str, ...] = ("mean", "mgda", "pcgrad", "cagrad", "upgrad")  # AGG, F-AGG
+    direct: tuple[str, ...] = ("mgda",)  # aggregators also run as F-AGG (direct); a subset
     rep_lambdas: tuple[tuple[float, float], ...] = ((0.9, 0.9), (0.1, 0.1))  # (TSR, CSA)
-    single_task: bool = True
-    steps: int = 600
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    channels: int = 16
+    single_task: bool = True  # also train one network per task (the Delta baseline)
+    steps: int = 600  # Adam steps per cell
+    batch_size: int = 64  # examples per step
+    learning_rate: float = 1e-3  # Adam's learning rate
+    channels: int = 16  # channels of the conv trunk's two layers
     rho: float = 0.05  # F-MTL radius (shared and heads); plain SAM, as the paper's CPU setting
-    adaptive: bool = False
-    cagrad_c: float = 0.4
-    tau: float = 0.1
-    sharpness_rho: float = 0.05
-    sharpness_steps: int = 5
-    sharpness_samples: int = 512
-    log_every: int = 100
+    adaptive: bool = False  # F-MTL with adaptive SAM (ASAM) instead of plain SAM
+    cagrad_c: float = 0.4  # CAGrad's c
+    tau: float = 0.1  # Rep-MTL's CSA temperature (cross-task saliency alignment)
+    sharpness_rho: float = 0.05  # radius of the final sharpness measurement
+    sharpness_steps: int = 5  # normalized ascent steps of the sharpness measurement
+    sharpness_samples: int = 512  # training examples the sharpness is measured on
+    log_every: int = 100  # steps between metric lines
     mesh: str = ""  # e.g. "data=4": jaxmtl.parallel.make_mesh; batches split over "data"
 
     def effective(self) -> Config:
@@ -502,22 +500,6 @@ def run_cell(method: Method, dataset: Any, seed: int, config: Config, log) -> di
 # --------------------------------------------------------------------------- the study
 
 
-def _stamp(config: Config) -> str:
-    return jexp.config_stamp(config)  # without out_dir / resume: a moved run resumes
-
-
-def _load_cells(path: Path, stamp: str) -> dict[tuple, dict]:
-    """The finished cells stored in ``path`` under ``stamp`` (a line cut by a crash is
-    dropped, so that cell is redone; see ``jaxmtl.experiment.read_jsonl``)."""
-    cells = {}
-    for number, record in enumerate(jexp.read_jsonl(path), 1):
-        if not (isinstance(record, dict) and {"key", "stamp", "result"} <= set(record)):
-            raise ValueError(f"{path}, record {number}: expected key, stamp and result")
-        if record["stamp"] == stamp:
-            cells[tuple(record["key"])] = record["result"]
-    return cells
-
-
 def _pct(values) -> list[float]:
     return [100.0 * v for v in values]
 
@@ -569,87 +551,96 @@ def _std(row: dict, key: str) -> float:
     return jexp.mean_std([v for v in row[key] if v is not None])[1]
 
 
-def _verdict(diff: float, noise: float) -> str:
-    if diff > noise:
-        return "reproduces"
-    if diff > 0:
-        return "same direction, within seed noise"
-    return "does not reproduce"
+def claim_table(results: dict) -> dict[tuple[str, str], dict[str, list]]:
+    """``{(data set, method): {metric: [value per seed]}}``: what the claims read."""
+    return {
+        (name, method): row
+        for name, ds in results["datasets"].items()
+        for method, row in ds["methods"].items()
+    }
 
 
-def claims(results: dict, config: Config) -> list[str]:
-    """One sentence per paper claim, checked on each data set's numbers."""
+def claims(results: dict, config: Config) -> list[jexp.Claim]:
+    """The two papers' claims on each data set, as :class:`jaxmtl.experiment.Claim` s over
+    :func:`claim_table`; a claim whose arms did not run is reported as not run."""
+    f_mtl, rep_mtl = "F-MTL (Phan et al. 2022)", "Rep-MTL (Wang et al. 2025)"
     out = []
     for name, ds in results["datasets"].items():
         rows = ds["methods"]
-        pairs = [
-            (_AGGREGATOR_LABELS.get(a, a), f"F-{_AGGREGATOR_LABELS.get(a, a)}")
-            for a in config.aggregators
-        ]
-        gains = {b: 100 * (_mean(rows[f], "avg_acc") - _mean(rows[b], "avg_acc")) for b, f in pairs}
-        noise = float(np.mean([100 * _std(rows[m], "avg_acc") for p in pairs for m in p]))
-        wins = sum(g > 0 for g in gains.values())
-        listed = ", ".join(f"{b} {g:+.2f}" for b, g in gains.items())
-        mean_gain = float(np.mean(list(gains.values())))
-        out.append(
-            f"[{name}] F-MTL Tables 1-3 (F-AGG beats AGG on average accuracy): F wins for "
-            f"{wins}/{len(gains)} aggregators (points: {listed}; mean seed std {noise:.2f}) - "
-            f"{_verdict(mean_gain, noise) if wins * 2 > len(gains) else 'does not reproduce'}."
-        )
-        fewer = [
-            b
-            for b, f in pairs
-            if rows[f]["conflict"][0] is not None
-            and _mean(rows[f], "conflict") < _mean(rows[b], "conflict")
-        ]
-        conflict_text = ", ".join(
-            f"{b} {100 * _mean(rows[b], 'conflict'):.0f}% -> "
-            f"{100 * _mean(rows[f], 'conflict'):.0f}%"
-            for b, f in pairs
-        )
-        out.append(
-            f"[{name}] F-MTL Fig. 1 (flat regions cut the share of steps with conflicting task "
-            f"gradients, ~50% -> ~1% on Multi-MNIST): lower for {len(fewer)}/{len(pairs)} "
-            f"({conflict_text}) - "
-            f"{'reproduces' if len(fewer) * 2 > len(pairs) else 'does not reproduce'}."
-        )
-        flatter = [b for b, f in pairs if _mean(rows[f], "sharpness") < _mean(rows[b], "sharpness")]
-        out.append(
-            f"[{name}] F-MTL Sec. 5 (F-variants end in flatter minima): sharpness at rho="
-            f"{config.sharpness_rho} lower for {len(flatter)}/{len(pairs)} aggregators - "
-            f"{'reproduces' if len(flatter) * 2 > len(pairs) else 'does not reproduce'}."
-        )
+        for agg in config.aggregators:
+            label = _AGGREGATOR_LABELS.get(agg, agg)
+            plain, flat = (name, label), (name, f"F-{label}")
+            out += [
+                jexp.Claim(
+                    f"{f_mtl}, Tables 1-3",
+                    f"[{name}] F-{label} beats {label} on average accuracy (points)",
+                    "avg_acc",
+                    flat,
+                    plain,
+                    scale=100,
+                    digits=2,
+                ),
+                jexp.Claim(
+                    f"{f_mtl}, Fig. 1",
+                    f"[{name}] flat regions cut the share of steps "
+                    f"with conflicting task gradients: F-{label} vs {label} (points)",
+                    "conflict",
+                    flat,
+                    plain,
+                    direction="lower",
+                    scale=100,
+                ),
+                jexp.Claim(
+                    f"{f_mtl}, Sec. 5",
+                    f"[{name}] F-{label} ends in a flatter minimum "
+                    f"than {label} (sharpness at rho={config.sharpness_rho})",
+                    "sharpness",
+                    flat,
+                    plain,
+                    direction="lower",
+                    digits=3,
+                ),
+            ]
         for agg in config.direct:
             label = _AGGREGATOR_LABELS.get(agg, agg)
-            paper, direct = rows[f"F-{label}"], rows[f"F-{label} (direct)"]
-            diff = 100 * (_mean(paper, "avg_acc") - _mean(direct, "avg_acc"))
-            noise = 100 * max(_std(paper, "avg_acc"), _std(direct, "avg_acc"))
             out.append(
-                f"[{name}] F-MTL Table 6 (aggregating loss and flat parts separately beats "
-                f"aggregating the SAM gradients directly): F-{label} minus direct = {diff:+.2f} "
-                f"points - {_verdict(diff, noise)}."
-            )
-        rep_rows = [k for k in rows if k.startswith("Rep-MTL")]
-        if rep_rows and "EW" in rows and "delta_p" in rows["EW"]:
-            ew = rows["EW"]
-            for label in rep_rows:
-                rep = rows[label]
-                diff = _mean(rep, "delta_p") - _mean(ew, "delta_p")
-                noise = max(_std(rep, "delta_p"), _std(ew, "delta_p"))
-                out.append(
-                    f"[{name}] Rep-MTL Tables 1-4 (Rep-MTL improves on EW in Delta_p_task, "
-                    f"for lambda_tsr, lambda_csa in 0.7-1.5): {label}: EW "
-                    f"{_mean(ew, 'delta_p'):+.2f} -> {_mean(rep, 'delta_p'):+.2f} - "
-                    f"{_verdict(diff, noise)}."
+                jexp.Claim(
+                    f"{f_mtl}, Table 6",
+                    f"[{name}] aggregating loss and flat parts "
+                    f"separately (F-{label}) beats aggregating the SAM gradients "
+                    f"directly (points)",
+                    "avg_acc",
+                    (name, f"F-{label}"),
+                    (name, f"F-{label} (direct)"),
+                    scale=100,
+                    digits=2,
                 )
-        if "STL" in rows:
-            mtl_rows = {k: v for k, v in rows.items() if k != "STL"}
-            best = min(mtl_rows, key=lambda k: _mean(mtl_rows[k], "delta_m"))
-            out.append(
-                f"[{name}] Both papers (the best MTL method beats single-task learning, "
-                f"Delta_m < 0): best is {best} with Delta_m {_mean(rows[best], 'delta_m'):+.2f}% "
-                f"- {'reproduces' if _mean(rows[best], 'delta_m') < 0 else 'does not reproduce'}."
             )
+        for tsr, csa in config.rep_lambdas:
+            method = f"Rep-MTL (EW, {tsr:g}/{csa:g})"
+            out.append(
+                jexp.Claim(
+                    f"{rep_mtl}, Tables 1-4",
+                    f"[{name}] {method} improves on EW in Delta_p_task (points)",
+                    "delta_p",
+                    (name, method),
+                    (name, "EW"),
+                    digits=2,
+                )
+            )
+        mtl = [k for k, row in rows.items() if k != "STL" and "delta_m" in row]
+        best = min(mtl, key=lambda k: _mean(rows[k], "delta_m")) if mtl else "STL"
+        out.append(
+            jexp.Claim(
+                f"{f_mtl}; {rep_mtl}",
+                f"[{name}] the best MTL method ({best}) beats "
+                "single-task learning: Delta_m < 0 (%)",
+                "delta_m",
+                (name, best),
+                direction="lower",
+                digits=2,
+            )
+        )
     return out
 
 
@@ -693,11 +684,7 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
             entry["s / run"] = _cell(row, "seconds", 1.0, 1)
             rows.append(entry)
         lines += [jexp.markdown_table(rows), ""]
-    lines += ["## Paper claims", ""]
-    if config.smoke:
-        lines += ["Not checked in a smoke run (a few steps: the numbers are not results).", ""]
-        return "\n".join(lines)
-    lines += [f"- {c}" for c in results["claims"]]
+    lines += ["## Paper claims", "", jexp.claims_markdown(results["claims"], smoke=config.smoke)]
     lines.append("")
     return "\n".join(lines)
 
@@ -719,56 +706,45 @@ def _family(name: str) -> tuple[str, str]:
 def plot(results: dict, run_dir: Any) -> None:
     """Average test accuracy (points, mean ± std over seeds: the axis is zoomed, so no bars)
     and Delta_p_task against STL (bars from 0) per method, one row per data set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     datasets = results["datasets"]
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.4 * len(datasets)), squeeze=False)
+    fig, axes = jexp.figure(len(datasets), 2, size=(7.0, 4.4))
     for (name, ds), (ax_acc, ax_delta) in zip(datasets.items(), axes, strict=True):
         names = list(ds["methods"])
         rows = [ds["methods"][n] for n in names]
         colors = [_family(n)[1] for n in names]
-        x = np.arange(len(names))
-        means = [100 * _mean(r, "avg_acc") for r in rows]
-        stds = [100 * _std(r, "avg_acc") for r in rows]
-        for xi, m, sd, c in zip(x, means, stds, colors, strict=True):
-            ax_acc.errorbar(xi, m, yerr=sd, fmt="o", color=c, capsize=4, markersize=7)
-        if "STL" in ds["methods"]:
-            ax_acc.axhline(means[names.index("STL")], color="tab:gray", ls="--", lw=0.8)
-        low = min(m - sd for m, sd in zip(means, stds, strict=True))
-        high = max(m + sd for m, sd in zip(means, stds, strict=True))
-        pad = max(0.5, 0.15 * (high - low))
-        ax_acc.set_ylim(low - pad, high + pad)
-        ax_acc.set(
+        jexp.plot_bars(
+            ax_acc,
+            names,
+            [r["avg_acc"] for r in rows],
+            scale=100,
+            points=True,
+            colors=colors,
+            xlabel="method",
             ylabel="average test accuracy (%)",
             title=f"{name}: accuracy (mean ± std over seeds; zoomed axis)",
         )
-        deltas = [_mean(r, "delta_p") if "delta_p" in r else np.nan for r in rows]
-        delta_stds = [_std(r, "delta_p") if "delta_p" in r else 0.0 for r in rows]
-        ax_delta.bar(x, deltas, yerr=delta_stds, color=colors, capsize=3)
-        ax_delta.axhline(0.0, color="black", linewidth=0.8)
-        ax_delta.set(
+        if "STL" in ds["methods"]:
+            stl = 100 * _mean(ds["methods"]["STL"], "avg_acc")
+            ax_acc.axhline(stl, color="tab:gray", ls="--", lw=0.8)
+        jexp.plot_bars(
+            ax_delta,
+            names,
+            [r.get("delta_p", [np.nan]) for r in rows],
+            colors=colors,
+            xlabel="method",
             ylabel="Delta_p_task vs STL (%)",
             title=f"{name}: Delta_p_task against STL (higher is better; STL = 0)",
         )
-        for ax in (ax_acc, ax_delta):
-            ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-            ax.set_xlabel("method")
-            ax.grid(axis="y", alpha=0.3)
+        ax_delta.axhline(0.0, color="black", linewidth=0.8)
     legend = {
         label: color for label, color in map(_family, next(iter(datasets.values()))["methods"])
     }
     handles = [Line2D([], [], marker="o", ls="", color=c, label=lbl) for lbl, c in legend.items()]
     axes[0][0].legend(handles=handles, loc="best", fontsize=8)
     title = "F-MTL and Rep-MTL against gradient aggregators"
-    if results.get("smoke"):
-        title += " (smoke run: numbers are not results)"
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    run_dir.savefig(fig, NAME)
+    run_dir.savefig(jexp.finish_figure(fig, title, smoke=results.get("smoke", False)), NAME)
 
 
 def run(config: Config) -> dict:
@@ -779,28 +755,31 @@ def run(config: Config) -> dict:
     # The data first: a misspelled data set fails before the run directory exists.
     loaded = {name: load_dataset(name, effective.smoke) for name in effective.datasets}
     run_dir = jexp.RunDir(effective.out_dir, config)
-    cells_path = Path(run_dir.path) / "cells.jsonl"
-    stamp = _stamp(effective)
-    cells = _load_cells(cells_path, stamp)
-    results: dict[str, Any] = {"datasets": {}, "smoke": effective.smoke}
-    from tqdm.auto import tqdm
+    plan = {
+        (name, m.name): m
+        for name, ds in loaded.items()
+        for m in methods(effective, len(ds.num_classes))
+    }
 
-    plan = []
-    for name in effective.datasets:
-        ms = methods(effective, len(loaded[name].num_classes))
-        plan += [(name, m, s) for m in ms for s in effective.seeds]
-    for name, method, seed in tqdm(plan, desc=NAME, disable=effective.smoke):
-        key = (name, method.name, seed)
-        if key in cells:
-            continue
-        cells[key] = run_cell(method, loaded[name], seed, effective, run_dir.log)
-        run_dir.log({"dataset": name, "method": method.name, "seed": seed, **cells[key]})
-        with cells_path.open("a") as f:
-            f.write(json.dumps({"key": list(key), "stamp": stamp, "result": cells[key]}) + "\n")
+    def compute(arm: tuple[str, str], seed: int) -> dict:
+        cell = run_cell(plan[arm], loaded[arm[0]], seed, effective, run_dir.log)
+        run_dir.log({"dataset": arm[0], "method": arm[1], "seed": seed, **cell})
+        return cell
+
+    stamp = jexp.config_stamp(effective)  # without out_dir / resume: a moved run resumes
+    stored = jexp.run_cells(
+        run_dir, list(plan), effective.seeds, compute, stamp=stamp, progress=not effective.smoke
+    )
+    cells = {
+        (*arm, seed): cell for arm, per_seed in stored.items() for seed, cell in per_seed.items()
+    }
+    results: dict[str, Any] = {"datasets": {}, "smoke": effective.smoke}
     for name, ds in loaded.items():
         ms = methods(effective, len(ds.num_classes))
         results["datasets"][name] = summarize(cells, name, list(ds.tasks), ms, effective.seeds)
-    results["claims"] = claims(results, effective)
+    results["claims"] = jexp.check_claims(
+        claims(results, effective), claim_table(results), smoke=effective.smoke
+    )
     seconds = time.perf_counter() - start
     results["seconds"] = seconds
     run_dir.write_results(results)
