@@ -450,7 +450,9 @@ def _check_config(config: Config) -> None:
     missing = [a for a in config.direct if a not in config.aggregators]
     if missing:
         raise ValueError(
-            f"direct: expected a subset of aggregators {config.aggregators}, got {missing}"
+            f"direct: expected a subset of aggregators {config.aggregators}, got {missing} "
+            f"(the F-AGG (direct) ablation needs AGG run: add {missing} to --aggregators, or "
+            "pass --direct with a subset of them, or --direct with no names for none)"
         )
     if not config.seeds or not config.datasets:
         raise ValueError(
@@ -633,7 +635,7 @@ def claims(results: dict, config: Config) -> list[jexp.Claim]:
         out.append(
             jexp.Claim(
                 f"{f_mtl}; {rep_mtl}",
-                f"[{name}] the best MTL method ({best}) beats "
+                f"[{name}] the best MTL method{f' ({best})' if mtl else ''} beats "
                 "single-task learning: Delta_m < 0 (%)",
                 "delta_m",
                 (name, best),

@@ -1415,8 +1415,10 @@ def plot_bars(
         stats = [stat(scale * float(v) for v in seeds) for seeds in per_label]
         means = np.array([np.nan if s is None else s.mean for s in stats])
         stds = np.array([0.0 if s is None else s.std for s in stats])
-        lows.append(np.nanmin(means - stds))
-        highs.append(np.nanmax(means + stds))
+        finite = np.isfinite(means)
+        if finite.any():  # a metric no label has (all NaN) draws nothing
+            lows.append(float(np.min((means - stds)[finite])))
+            highs.append(float(np.max((means + stds)[finite])))
         where = positions + (i - (len(series) - 1) / 2) * width
         style = {"label": name} if name is not None else {}
         if colors is not None and name is None:
@@ -1444,8 +1446,8 @@ def plot_bars(
             ha="right" if len(labels) > 3 else "center",
             fontsize=8,
         )
-    if limits is None and points:
-        low, high = float(np.nanmin(lows)), float(np.nanmax(highs))
+    if limits is None and points and lows:
+        low, high = min(lows), max(highs)
         pad = max(0.15 * (high - low), 1e-3 * max(abs(high), 1.0))
         limits = (low - pad, high + pad)
     if limits is not None:

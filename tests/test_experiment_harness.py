@@ -189,3 +189,17 @@ def test_usage_line_names_the_module_and_every_option_is_documented(name, capsys
     with pytest.raises(SystemExit):
         jexp.cli(module.Config, module.run, args=["--help"])
     assert f"usage: python -m experiments.{name} " in capsys.readouterr().out
+
+
+def test_bars_of_a_metric_no_arm_has_draw_nothing_without_warnings():
+    _, axes = jexp.figure()
+    for points in (False, True):  # e.g. Delta_p without single-task networks: all NaN
+        jexp.plot_bars(
+            axes[0, 0],
+            ["a", "b"],
+            [[np.nan], [np.nan]],
+            points=points,
+            xlabel="method",
+            ylabel="Delta_p",
+            title="no baseline",
+        )
