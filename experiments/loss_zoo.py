@@ -615,10 +615,6 @@ def run_embeddings(config: Config, arrays: dict[str, np.ndarray], log: Callable)
 # --------------------------------------------------------------------------- report
 
 
-def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    return jexp.format_mean_std(values, digits=digits, scale=scale)
-
-
 def claim_table(results: dict) -> dict[tuple[str, str], dict[str, list[float]]]:
     """The per-seed metrics of every arm as the claims read them: ``{(part, method):
     {metric: [value per seed]}}`` (part (a)'s metric ``"acc 0.4"`` is the accuracy at 40 %
@@ -743,18 +739,21 @@ def claims(results: dict, config: Config) -> list[jexp.Claim]:
 def summary_markdown(results: dict, config: Config, seconds: float) -> str:
     n = len(config.seeds)
     lines = [f"# Loss zoo on digits ({n} seed{'s' if n > 1 else ''}, mean ± std)", ""]
+    noise_columns = {f"noise {r:g}": (f"{r:g}", 100, 1) for r in config.noise_rates}
+    imb = results["imbalanced"]
+    binary = {name: m for name, m in imb.items() if isinstance(m, dict)}
+    binary_columns = {k: (k, 100, 1) for k in next(iter(binary.values()))}
+    embedding_columns = {
+        "R@1 unseen": ("recall@1 unseen", 100, 1),
+        "R@1 seen": ("recall@1 seen", 100, 1),
+        **{k: (k, 1, 3) for k in ("uniformity", "tolerance", "ICNN unseen")},
+    }
     lines += [
         "## (a) Symmetric label noise: test accuracy (%)",
         "",
-        jexp.markdown_table(
-            [
-                {"loss": name, **{f"noise {r}": _ms(v) for r, v in per_rate.items()}}
-                for name, per_rate in results["noise"].items()
-            ]
-        ),
+        jexp.markdown_table(jexp.stat_rows(results["noise"], noise_columns, label="loss")),
         "",
     ]
-    imb = results["imbalanced"]
     lines += [
         f"## (b) Digit {config.positive_digit} vs rest: test metrics at threshold 0.5 (%)",
         "",
@@ -765,13 +764,7 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
         f"{imb['positive_mean_likelihood']:.2f}, "
         f"negatives {imb['negative_mean_likelihood']:.2f}.",
         "",
-        jexp.markdown_table(
-            [
-                {"loss": name, **{k: _ms(v) for k, v in metrics.items()}}
-                for name, metrics in imb.items()
-                if isinstance(metrics, dict)
-            ]
-        ),
+        jexp.markdown_table(jexp.stat_rows(binary, binary_columns, label="loss")),
         "",
         f"## (c) Embeddings: trained on digits 0-{config.seen_classes - 1}",
         "",
@@ -779,19 +772,7 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
         "uniform), tolerance (mean same-class cosine) on all test embeddings; ICNN score of "
         "unseen-digit embeddings. NT-Xent is self-supervised (two augmented views, no labels).",
         "",
-        jexp.markdown_table(
-            [
-                {
-                    "method": name,
-                    "R@1 unseen": _ms(m["recall@1 unseen"]),
-                    "R@1 seen": _ms(m["recall@1 seen"]),
-                    "uniformity": _ms(m["uniformity"], 1.0, 3),
-                    "tolerance": _ms(m["tolerance"], 1.0, 3),
-                    "ICNN unseen": _ms(m["ICNN unseen"], 1.0, 3),
-                }
-                for name, m in results["embeddings"].items()
-            ]
-        ),
+        jexp.markdown_table(jexp.stat_rows(results["embeddings"], embedding_columns)),
         "",
         "## Paper claims at this scale",
         "",

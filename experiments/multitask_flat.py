@@ -646,12 +646,14 @@ def claims(results: dict, config: Config) -> list[jexp.Claim]:
     return out
 
 
-def _cell(row: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
-    values = [scale * v for v in row.get(key, []) if v is not None]
-    if not values:
-        return "-"
-    mean, std = jexp.mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+SUMMARY_COLUMNS = {  # summary.md header -> (metric, scale, decimals)
+    "avg acc": ("avg_acc", 100, 2),
+    "Delta_m % (↓)": ("delta_m", 1, 2),
+    "Delta_p % (↑)": ("delta_p", 1, 2),
+    "conflict %": ("conflict", 100, 0),
+    "sharpness": ("sharpness", 1, 3),
+    "s / run": ("seconds", 1, 1),
+}
 
 
 def summary_markdown(results: dict, config: Config, seconds: float) -> str:
@@ -672,20 +674,13 @@ def summary_markdown(results: dict, config: Config, seconds: float) -> str:
         "",
     ]
     for name, ds in results["datasets"].items():
-        lines += [f"## {name}", ""]
-        rows = []
-        for method, row in ds["methods"].items():
-            entry = {"method": method}
-            for t, task in enumerate(ds["tasks"]):
-                entry[f"{task} acc"] = _cell({"v": [a[t] for a in row["acc"]]}, "v", 100.0)
-            entry["avg acc"] = _cell(row, "avg_acc", 100.0)
-            entry["Delta_m % (↓)"] = _cell(row, "delta_m")
-            entry["Delta_p % (↑)"] = _cell(row, "delta_p")
-            entry["conflict %"] = _cell(row, "conflict", 100.0, 0)
-            entry["sharpness"] = _cell(row, "sharpness", 1.0, 3)
-            entry["s / run"] = _cell(row, "seconds", 1.0, 1)
-            rows.append(entry)
-        lines += [jexp.markdown_table(rows), ""]
+        tasks = ds["tasks"]
+        table = {
+            method: {**row, **{f"acc {t}": [a[i] for a in row["acc"]] for i, t in enumerate(tasks)}}
+            for method, row in ds["methods"].items()
+        }
+        columns = {f"{t} acc": (f"acc {t}", 100, 2) for t in tasks} | SUMMARY_COLUMNS
+        lines += [f"## {name}", "", jexp.markdown_table(jexp.stat_rows(table, columns)), ""]
     lines += ["## Paper claims", "", jexp.claims_markdown(results["claims"], smoke=config.smoke)]
     lines.append("")
     return "\n".join(lines)

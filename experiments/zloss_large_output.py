@@ -639,10 +639,6 @@ def pilot_markdown(rows: list[dict], config: Config) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    return jexp.format_mean_std(values, digits=digits, scale=scale)
-
-
 def claims(config: Config) -> list[jexp.Claim]:
     """The paper's claims on this run's test split (per seed, CE and the factored Z-loss
     paired): "competitive" is within 2 points (absolute) of CE's top-k accuracy; "much
@@ -726,19 +722,20 @@ def summary_markdown(results: dict, config: Config) -> str:
     lines += [jexp.markdown_table(_hyper_rows(results["hyperparameters"])), ""]
     table = results["table"]
     ce_time = np.mean(table["softmax CE"]["epoch_seconds"]) if "softmax CE" in table else None
-    rows = []
-    for method, m in table.items():
-        row = {"method": method}
-        for split in SPLITS:
-            row.update({f"{split} top-{k} (%)": _ms(m[f"{split} top-{k}"]) for k in config.top_k})
+    topk = {
+        f"{split} top-{k} (%)": (f"{split} top-{k}", 100, 1)
+        for split in SPLITS
+        for k in config.top_k
+    }
+    times = {"s / epoch": ("epoch_seconds", 1, 2), "best s / epoch": ("best_epoch_seconds", 1, 2)}
+    rows = jexp.stat_rows(table, topk)
+    for row, m, timing in zip(rows, table.values(), jexp.stat_rows(table, times), strict=True):
         row["epoch"] = f"{np.mean(m['selected_epoch']):g}"
-        row["s / epoch"] = _ms(m["epoch_seconds"], 1.0, 2)
-        row["best s / epoch"] = _ms(m["best_epoch_seconds"], 1.0, 2)
+        row.update({k: v for k, v in timing.items() if k != "method"})
         if ce_time is not None:
             row["speed-up vs CE"] = f"{ce_time / np.mean(m['epoch_seconds']):.1f}x"
             best = np.mean(table["softmax CE"]["best_epoch_seconds"])
             row["best-epoch speed-up"] = f"{best / np.mean(m['best_epoch_seconds']):.1f}x"
-        rows.append(row)
     if config.select_epoch:
         chosen_by = (
             "Every (method, seed) at the epoch of its best validation top-1 (early stopping "
@@ -749,14 +746,11 @@ def summary_markdown(results: dict, config: Config) -> str:
         chosen_by = "Every (method, seed) at the last epoch."
     lines += ["## Results", "", chosen_by, "", jexp.markdown_table(rows), ""]
     if config.select_epoch:
-        last = []
-        for method, m in table.items():
-            row = {"method": method}
-            for split in SPLITS:
-                for k in config.top_k:
-                    row[f"last-epoch {split} top-{k} (%)"] = _ms(m[f"last {split} top-{k}"])
-            last.append(row)
-        lines += [jexp.markdown_table(last), ""]
+        last = {
+            f"last-epoch {name}": (f"last {metric}", *rest)
+            for name, (metric, *rest) in topk.items()
+        }
+        lines += [jexp.markdown_table(jexp.stat_rows(table, last)), ""]
     if results["factored_gram_drift"]:
         lines += [
             "Exactness of the factored layer in float32: relative error of the maintained "

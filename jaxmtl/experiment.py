@@ -81,6 +81,7 @@ __all__ = [
     "run_cells",
     "seed_table",
     "stat",
+    "stat_rows",
     "undocumented_fields",
     "verdict",
 ]
@@ -1136,6 +1137,33 @@ def aggregate(table: Mapping[Arm, Mapping[str, Sequence[Any]]]) -> dict[Arm, dic
                 if summary is not None:
                     out[arm][key] = summary
     return out
+
+
+def stat_rows(
+    table: Mapping[Arm, Mapping[str, Sequence[Any]]],
+    columns: Mapping[str, tuple[str, float, int]],
+    *,
+    label: str = "method",
+) -> list[dict[str, str]]:
+    """Rows for :func:`markdown_table`: one per arm of a :func:`seed_table`, its name under
+    ``label``, then per column ``header: (metric, scale, digits)`` the mean ± std over seeds
+    (:meth:`Stat.format`; ``"–"`` where the arm lacks the metric).
+
+    >>> table = {"EW": {"acc": [0.70, 0.72]}, "STL": {"acc": [0.75, 0.75], "t": [3.0, 5.0]}}
+    >>> print(markdown_table(stat_rows(table, {"acc (%)": ("acc", 100, 1), "s": ("t", 1, 0)})))
+    | method | acc (%) | s |
+    | --- | --- | --- |
+    | EW | 71.0 ± 1.4 | – |
+    | STL | 75.0 ± 0.0 | 4 ± 1 |
+    """
+    rows = []
+    for arm, metrics in table.items():
+        row = {label: _arm_name(arm)}
+        for header, (metric, scale, digits) in columns.items():
+            summary = stat(metrics.get(metric, []))
+            row[header] = "–" if summary is None else summary.format(digits=digits, scale=scale)
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- paper claims
