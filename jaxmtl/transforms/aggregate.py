@@ -15,9 +15,12 @@ weightings and have their own transforms here.
 Composition with optax wrappers:
 
 * ``jax.jit``: all of it; solvers have fixed iteration counts.
-* ``optax.inject_hyperparams(jaxmtl.transforms.cagrad)(c=0.5)``: float hyperparameters become
-  state; pass integer and structural ones (``num_tasks``, ``iterations``, ``shared``) through
-  ``static_args``.
+* ``optax.inject_hyperparams(jaxmtl.transforms.cagrad, static_args="iterations")(c=0.5)``:
+  float hyperparameters become state; pass integer and structural ones (``num_tasks``,
+  ``iterations``, ``seed``, a ``shared`` predicate) through ``static_args``. A predicate is a
+  callable, which ``inject_hyperparams`` otherwise calls as a schedule with the step count
+  (an IndexError or AttributeError from inside the predicate, or a ``shared:`` error here
+  if it returns); a boolean-pytree ``shared`` mask needs no ``static_args``.
 * ``optax.MultiSteps`` accumulates updates shaped like the parameters, so it wraps the part
   of the chain after the aggregator: ``optax.chain(upgrad(), optax.MultiSteps(optax.adam(1e-3),
   every_k_schedule=4))`` averages the aggregated directions of four micro-batches. Around
