@@ -166,9 +166,7 @@ def _weights_dtype(gramian: jax.Array | None, dtype: Any) -> jnp.dtype:
     return _float_dtype(jnp.float32 if dtype is None else dtype)
 
 
-def _task_losses(
-    extra_args: dict[str, Any], num_tasks: int | None, dtype: Any = None
-) -> jax.Array:
+def _task_losses(extra_args: dict[str, Any], num_tasks: int | None, dtype: Any = None) -> jax.Array:
     """``task_losses=`` (K,), checked, in ``dtype`` (the gradients'; default: its own)."""
     losses = extra_args.get("task_losses")
     if losses is None:
