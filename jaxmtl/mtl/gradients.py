@@ -90,8 +90,7 @@ def _mask_value(path: tuple, value: Any) -> bool:
         return bool(value)
     except Exception as error:  # an array of several values, a tracer
         raise ValueError(
-            f"shared{jax.tree_util.keystr(path)}: expected a Python bool, "
-            f"got {_short_repr(value)}"
+            f"shared{jax.tree_util.keystr(path)}: expected a Python bool, got {_short_repr(value)}"
         ) from error
 
 
