@@ -368,35 +368,28 @@ def dualproj(*, pref_vector: Any = None, iterations: int | None = None) -> Weigh
 
 
 def cagrad(*, c: float = 0.4, rescale: bool = False, iterations: int = 100) -> Weighting:
-    """CAGrad: ``d = g0 + c ||g0|| g_w / ||g_w||`` with ``w`` the minimiser of the dual.
+    """CAGrad: the direction within ``c ||g0||`` of the mean that maximises the worst task.
 
     Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning" (NeurIPS 2021),
-    Eqs. 3-4 and Alg. 1: ``g0 = mean_k g_k``, ``w = argmin_{w in simplex} g_w . g0 +
-    c ||g0|| ||g_w||``, ``d = g0 + (c ||g0|| / ||g_w||) g_w``. Returned as weights on the rows:
-    ``1/K + (c ||g0|| / ||g_w||) w``. ``c`` in [0, 1) (``c = 0`` is the mean);
-    ``rescale=True`` divides by ``1 + c^2`` as the authors' code does. ``iterations`` of
-    accelerated projected gradient solve the dual.
+    Eq. 3 (primal): ``max_d min_k g_k . d`` s.t. ``||d - g0|| <= c ||g0||``, ``g0 = mean_k
+    g_k``; at the optimum ``d = g0 + J^T l``, ``l >= 0``, the paper's
+    ``g0 + (c ||g0|| / ||g_w||) g_w`` (Eq. 4, Alg. 1). Solved on the primal (see
+    ``_solvers.cagrad_primal``: ``iterations`` levels of the objective tried, 8 at a time),
+    which stays exact when the dual's ``g_w`` vanishes (nearly opposite gradients). Returned
+    as weights on the rows: ``1/K + l``. ``c >= 0`` (``c = 0`` is the mean); ``rescale=True``
+    divides by ``1 + c^2`` as the authors' code does. Zero rows are left out of the ``min``.
+    Scale-invariant: ``w(a G) = w(G)``.
 
     >>> w, _ = cagrad(c=0.0).weights(jnp.array([[1.0, 0.0], [0.0, 1.0]]), ())
     >>> [round(x, 4) for x in w.tolist()]
     [0.5, 0.5]
     """
     _check_range("c", c, 0.0)
+    _check_positive_int("iterations", iterations)
 
     def fn(gramian):
-        k = gramian.shape[0]
-        dtype = gramian.dtype
-        cc = jnp.asarray(c, dtype)
-        w, scale = _solvers.simplex_cagrad(gramian, c=cc, iterations=iterations)
-        g = gramian / scale
-        mean_w = jnp.full((k,), 1.0 / k, dtype)
-        g0_norm = jnp.sqrt(jnp.maximum(mean_w @ g @ mean_w, 0.0))
-        gw_norm = jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
-        tiny = jnp.finfo(dtype).tiny
-        coef = jnp.where(
-            gw_norm > tiny, cc * g0_norm / jnp.where(gw_norm > tiny, gw_norm, 1.0), 0.0
-        )
-        out = mean_w + coef * w
+        cc = jnp.asarray(c, gramian.dtype)
+        out = _solvers.cagrad_primal(gramian, c=cc, iterations=iterations)
         if rescale:
             out = out / (1.0 + cc**2)
         return out
@@ -410,11 +403,13 @@ def cagrad(*, c: float = 0.4, rescale: bool = False, iterations: int = 100) -> W
 def imtl_g() -> Weighting:
     """IMTL-G: the direction with equal projections onto every task's unit gradient.
 
-    Liu et al., "Towards Impartial Multi-task Learning" (ICLR 2021), Eq. 11: with
-    ``u_k = g_k / ||g_k||``, ``D = [g_1 - g_k]_{k>=2}``, ``U = [u_1 - u_k]_{k>=2}``,
-    ``alpha_{2:K} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum alpha_{2:K}``, ``d = alpha J``;
-    every product is read off the Gramian. A pseudo-inverse handles identical gradients;
-    zero gradients get ``u_k = 0``.
+    Liu et al., "Towards Impartial Multi-task Learning" (ICLR 2021), Eq. 11: ``d = alpha J``
+    with ``sum alpha = 1`` and ``d . u_k`` equal for all ``k``, ``u_k = g_k / ||g_k||``. With
+    ``C = S^-1 G S^-1`` the correlation matrix (``S = diag ||g_k||``) that is
+    ``alpha = S^-1 C^+ 1 / (1^T S^-1 C^+ 1)``, the paper's Eq. 11 solved in unit-norm
+    coordinates, so tasks whose norms differ by 1e8 are treated alike; ``C^+`` (eigenvalues
+    below ``10 K eps`` of the largest dropped) handles identical gradients. Zero rows are left
+    out (``alpha_k = 0``). Scale-invariant: ``w(a G) = w(G)``.
 
     >>> w, _ = imtl_g().weights(jnp.array([[1.0, 0.0], [0.0, 4.0]]), ())
     >>> [round(x, 4) for x in w.tolist()]
@@ -424,19 +419,15 @@ def imtl_g() -> Weighting:
     def fn(gramian):
         dtype = gramian.dtype
         k = gramian.shape[0]
-        if k == 1:
-            return jnp.ones((1,), dtype)
-        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gramian), 0.0))
-        tiny = jnp.finfo(dtype).tiny
-        inv_norms = jnp.where(norms > tiny, 1.0 / jnp.where(norms > tiny, norms, 1.0), 0.0)
-        # P[i, j] = g_i . u_j
-        p = gramian * inv_norms[None, :]
-        # a_j = g_1 . (u_1 - u_j); M[i, j] = (g_1 - g_i) . (u_1 - u_j), i, j >= 2.
-        a = p[0, 0] - p[0, 1:]
-        m = p[0, 0] - p[0, 1:][None, :] - p[1:, 0][:, None] + p[1:, 1:]
-        scale = jnp.maximum(jnp.max(jnp.abs(m)), tiny)
-        rest = (a / scale) @ jnp.linalg.pinv(m / scale, rtol=jnp.finfo(dtype).eps * k * 10)
-        return jnp.concatenate([1.0 - jnp.sum(rest, keepdims=True), rest])
+        corr, inv_norms, live = _solvers.correlation_gramian(gramian)
+        eigenvalues, vectors = jnp.linalg.eigh(corr)
+        kept = eigenvalues > jnp.max(eigenvalues) * k * jnp.finfo(dtype).eps * 10
+        inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+        x = vectors @ (inverse * (vectors.T @ live.astype(dtype)))
+        alpha = inv_norms * x
+        total = jnp.sum(alpha)
+        ok = jnp.abs(total) > 0
+        return jnp.where(ok, alpha / jnp.where(ok, total, 1.0), jnp.full((k,), 1.0 / k, dtype))
 
     return _stateless(fn)
 
