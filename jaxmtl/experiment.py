@@ -22,6 +22,29 @@ the new config must equal the stored one (the location fields ``out_dir`` and ``
 aside, so a moved or copied run directory resumes). One process at a time uses a run
 directory or a :func:`cached` value: a second one is refused (:class:`RunDirInUse`) or, for
 a cache, waits.
+
+The harness every experiment shares, so that a module holds only its config, data, arms,
+metrics and claims:
+
+* :func:`run_cells` — every ``(arm, seed)`` cell computed once, stored in ``cells.jsonl``,
+  read back on resume, one progress bar; :func:`seed_table` and :func:`aggregate` /
+  :func:`stat_rows` — per arm, each metric's values per seed and their mean ± std (with n);
+* :class:`Claim` — a paper's claim about two arms' metric, judged seed by seed with the
+  verdicts :data:`REPRODUCES`, :data:`ON_AVERAGE`, :data:`DOES_NOT_REPRODUCE`,
+  :data:`NOT_RUN` (an arm it compares did not run); :func:`check_claims` gives the rows for
+  results.json, :func:`claims_markdown` the summary.md section;
+* :func:`figure`, :func:`plot_curves` (± std bands), :func:`plot_bars` (error bars),
+  :func:`plot_heatmaps` (one shared colour scale), :func:`finish_figure` — titled, labelled.
+
+A sketch of an experiment's ``run``::
+
+    run_dir = RunDir(config.out_dir, config)
+    cells = run_cells(run_dir, ARMS, config.seeds, lambda arm, seed: train(arm, seed))
+    table = seed_table(cells)
+    rows = check_claims(CLAIMS, table, smoke=config.smoke)
+    run_dir.write_results({"table": table, "claims": rows})
+    run_dir.write_summary(markdown_table(stat_rows(table, COLUMNS)) + "\n\n"
+                          + claims_markdown(rows, smoke=config.smoke))
 """
 
 from __future__ import annotations
