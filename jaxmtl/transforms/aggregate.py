@@ -133,7 +133,8 @@ def _task_axis(updates: Any, shared: Any, params: Any = None) -> int:
     if not with_axis:
         name, _, u, p = shared_rows[0]
         raise ValueError(
-            f"{name}: expected shape (K, *{p}) (a shared leaf carries a leading task axis), "
+            f"{name}: expected shape (K, {', '.join(map(str, p))}) (a shared leaf carries a "
+            "leading task axis), "
             f"got {u}: every shared leaf is shaped like its parameter; {_WRAPPERS}"
         )
     k = with_axis[0][0]
@@ -142,9 +143,14 @@ def _task_axis(updates: Any, shared: Any, params: Any = None) -> int:
         if u == expected:
             continue
         if is_shared and u == p:
-            why = f"no task axis on a leaf shared= makes shared: {_SAME_SHARED}"
+            why = (
+                f"no task axis, but this transform's shared= makes the leaf shared: {_SAME_SHARED}"
+            )
         elif not is_shared and u == (k, *p):
-            why = f"a task axis on a leaf shared= makes task-specific: {_SAME_SHARED}"
+            why = (
+                f"a task axis, but this transform's shared= makes the leaf task-specific: "
+                f"{_SAME_SHARED}"
+            )
         else:
             kind = "shared: (K, *param.shape)" if is_shared else "task-specific: param.shape"
             why = f"expected {kind} with K = {k}; {_SAME_SHARED}"
