@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmtl.mtl import gradients as _mtl
 from jaxmtl.transforms import _solvers
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "nash_mtl",
     "pcgrad",
     "rlw",
+    "scaled_gramian",
     "stch",
     "summed",
     "uncertainty",
@@ -216,6 +218,30 @@ def _new_key(seed: Any) -> jax.Array:
 def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     new_key, subkey = jax.random.split(key)
     return new_key, subkey
+
+
+def scaled_gramian(grads: Any, shared: Any = None) -> tuple[jax.Array, jax.Array]:
+    """``(G, s)``: the Gramian of ``J / s`` (K x K) and ``s``, a power of two >= max |J|.
+
+    The Gramian every weighting should be given: ``J J^T`` of float32 gradients overflows
+    beyond norms of about 2e19 and loses its digits below about 1e-18; ``J / s`` has entries
+    in [-1, 1] and the division is exact. Pass ``gradient_scale=s`` to ``weights``: the
+    scale-invariant weightings (``w(a G) = w(G)``: MGDA, UPGrad, DualProj, CAGrad, IMTL-G,
+    Aligned-MTL, PCGrad, GradVac, and those that ignore ``G``) ignore it; Nash-MTL and
+    FairGrad (``w(a G) = a^p w(G)``) multiply by ``s^(2p)``. Arguments as in
+    ``jaxmtl.mtl.gramian``.
+
+    >>> g, s = scaled_gramian({"w": jnp.array([[3e20, 0.0], [0.0, 1e20]])})
+    >>> float(s), bool(jnp.all(jnp.isfinite(g)))
+    (5.902958103587057e+20, True)
+    """
+    mask = _mtl.shared_mask(grads, shared)
+    leaves = [x for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(grads), strict=True) if m]
+    if not leaves:
+        return _mtl.gramian(grads, shared), jnp.ones((), jnp.float32)  # raises, naming grads
+    scale = _solvers.gradient_scale(leaves)
+    scaled = jax.tree.map(lambda m, x: x / scale.astype(x.dtype) if m else x, mask, grads)
+    return _mtl.gramian(scaled, shared), scale
 
 
 # ----------------------------------------------------------------------------- fixed
@@ -481,12 +507,32 @@ def aligned_mtl(*, pref_vector: Any = None, scale_mode: str = "min") -> Weightin
 # ----------------------------------------------------------------------------- Newton
 
 
+def _covariant(fn: Callable[[jax.Array], jax.Array], exponent: Any) -> Weighting:
+    """A stateless weighting with ``w(a G) = a^exponent w(G)`` that reads ``gradient_scale=``.
+
+    ``gradient_scale=s`` says that ``gramian`` is that of ``J / s`` (see :func:`scaled_gramian`):
+    the weights for ``J`` are then ``s^(2 exponent) w(gramian)``.
+    """
+
+    def weights(gramian, state, *, gradient_scale=None, **extra_args):
+        del extra_args
+        w = fn(_check_gramian(gramian))
+        if gradient_scale is None:
+            return w, state
+        s = jnp.asarray(gradient_scale, w.dtype)
+        return w * jnp.exp2(2.0 * jnp.asarray(exponent, w.dtype) * jnp.log2(s)), state
+
+    return Weighting(optax.EmptyState, weights)
+
+
 def fairgrad(*, alpha: float = 1.0, iterations: int = 25) -> Weighting:
     """FairGrad: alpha-fair allocation, the positive ``w`` with ``G w = w^(-1/alpha)``.
 
     Ban & Ji, "Fair Resource Allocation in Multi-Task Learning" (ICML 2024), Eq. 9 (solved
     there with SciPy's least squares; here with damped Newton steps on the convex potential,
     ``iterations`` of them). ``alpha = 1`` is Nash-MTL. Non-conflicting: ``J d = G w > 0``.
+    Zero rows are left out (``w_k = 0``). Scale-covariant: ``w(a G) = a^(-alpha / (alpha + 1))
+    w(G)``, so ``d(cJ) = c^((1 - alpha) / (1 + alpha)) d(J)``; reads ``gradient_scale=``.
 
     >>> w, _ = fairgrad(alpha=1.0).weights(jnp.array([[1.0, 0.0], [0.0, 4.0]]), ())
     >>> [round(x, 3) for x in w.tolist()]
@@ -497,7 +543,7 @@ def fairgrad(*, alpha: float = 1.0, iterations: int = 25) -> Weighting:
     def fn(gramian):
         return _solvers.fair_allocation(gramian, alpha=alpha, iterations=iterations)
 
-    return _stateless(fn)
+    return _covariant(fn, -jnp.asarray(alpha) / (jnp.asarray(alpha) + 1.0))
 
 
 def nash_mtl(*, iterations: int = 25) -> Weighting:
@@ -507,7 +553,8 @@ def nash_mtl(*, iterations: int = 25) -> Weighting:
     Thm. 5.1 (their code approximates it by sequential convex programmes; here damped Newton
     on the convex potential ``1/2 w^T G w - sum log w``). The direction is invariant to
     rescaling any task's gradient and has ``||d||^2 = K``. The authors' gradient clipping
-    (``max_norm``) is left to ``optax.clip_by_global_norm``.
+    (``max_norm``) is left to ``optax.clip_by_global_norm``. Zero rows are left out
+    (``w_k = 0``). Scale-covariant: ``w(a G) = a^(-1/2) w(G)``; reads ``gradient_scale=``.
 
     >>> w, _ = nash_mtl().weights(jnp.array([[1.0, 0.0], [0.0, 4.0]]), ())
     >>> [round(x, 3) for x in w.tolist()]
@@ -517,7 +564,7 @@ def nash_mtl(*, iterations: int = 25) -> Weighting:
     def fn(gramian):
         return _solvers.fair_allocation(gramian, alpha=1.0, iterations=iterations, correlation=True)
 
-    return _stateless(fn)
+    return _covariant(fn, -0.5)
 
 
 # ----------------------------------------------------------------------------- sequential

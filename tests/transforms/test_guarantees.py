@@ -331,3 +331,44 @@ def test_a_zero_row_drops_out(dtype, name):
     without = weights_of(name, {"2": j2}, dtype)["2"] @ j2
     expected = ZERO_ROW_FACTOR[name] * without
     np.testing.assert_allclose(with_zero, expected, atol=1e2 * TOL[dtype] * np.abs(without).max())
+
+
+# ----------------------------------------------------------------------------- scale and dtype
+
+SCALES = {np.float32: (1e-20, 1e-10, 1e10, 1e20), np.float64: (1e-30, 1e-10, 1e10, 1e30)}
+
+
+def test_scale_laws(dtype):
+    """w(a G) = a^p w(G): p = 0 (scale-invariant), -1/2 (Nash-MTL), -alpha/(alpha+1)."""
+    j = families(3, dtype)["random0"]
+    scales = SCALES[dtype]
+    g = j @ j.T
+    stacked = jnp.asarray(np.stack([g] + [a * g for a in scales]), dtype)
+    for name, p in EXPONENT.items():
+        w = np.asarray(_batched(name)(stacked), np.float64)
+        assert w.dtype == np.float64 and np.all(np.isfinite(w)), name
+        for a, w_a in zip(scales, w[1:], strict=True):
+            np.testing.assert_allclose(w_a, a**p * w[0], rtol=1e2 * TOL[dtype], err_msg=name)
+
+
+def test_weights_in_the_gramians_dtype(dtype):
+    g = jnp.asarray(families(3, dtype)["random0"] @ families(3, dtype)["random0"].T, dtype)
+    for name in METHODS:
+        assert METHODS[name]().weights(g, ())[0].dtype == dtype, name
+
+
+@pytest.mark.parametrize("c", [1e20, 1e-20])
+def test_float32_gradients_far_from_one_through_scaled_gramian(c):
+    """Norms 1e20 overflow J J^T in float32, 1e-20 underflow it: scaled_gramian divides first."""
+    j = families(3, np.float32)["random0"]
+    big = {
+        "a": jnp.asarray(j[:, :20] * c, jnp.float32),
+        "b": jnp.asarray(j[:, 20:] * c, jnp.float32),
+    }
+    g, s = W.scaled_gramian(big)
+    for name, p in EXPONENT.items():
+        weighting = METHODS[name]()
+        w = np.asarray(weighting.weights(g, (), gradient_scale=s)[0], np.float64)
+        w_one = np.asarray(weighting.weights(jnp.asarray(j @ j.T, jnp.float32), ())[0], np.float64)
+        # d(cJ) = c^(1 + 2p) d(J), i.e. w(c^2 G) = c^(2p) w(G).
+        np.testing.assert_allclose(w, c ** (2 * p) * w_one, rtol=1e-4, err_msg=name)
