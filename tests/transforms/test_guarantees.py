@@ -88,17 +88,32 @@ def families(k: int, dtype) -> dict[str, np.ndarray]:
 
 @functools.cache
 def _batched(name: str):
+    """``(gramians (B, K, K), gradient_scales (B,)) -> weights (B, K)``, jitted once per shape."""
     weighting = METHODS[name]()
-    return jax.jit(jax.vmap(lambda g: weighting.weights(g, ())[0]))
+    return jax.jit(jax.vmap(lambda g, s: weighting.weights(g, (), gradient_scale=s)[0]))
+
+
+BATCH = 12  # every call padded to this many problems: one compilation per (method, K, dtype)
+
+
+def batched(name: str, gramians: jax.Array, scales: jax.Array | None = None) -> np.ndarray:
+    b = gramians.shape[0]
+    if scales is None:
+        scales = jnp.ones((b,), gramians.dtype)
+    pad = jnp.zeros((BATCH - b,), int)
+    gramians = jnp.concatenate([gramians, gramians[pad]])
+    w = _batched(name)(gramians, jnp.concatenate([scales, scales[pad]]))[:b]
+    assert w.dtype == gramians.dtype, (name, w.dtype)  # float64 in, float64 out
+    w = np.asarray(w, np.float64)
+    assert np.all(np.isfinite(w)), name
+    return w
 
 
 def weights_of(name: str, js: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
     """Each family's weights, the Gramian formed in ``dtype`` from the rows in ``dtype``."""
     stacked = jnp.asarray(np.stack(list(js.values())), dtype)
     gramians = jnp.einsum("bkn,bln->bkl", stacked, stacked)
-    w = np.asarray(_batched(name)(gramians), np.float64)
-    assert np.all(np.isfinite(w)), name
-    return dict(zip(js, w, strict=True))
+    return dict(zip(js, batched(name, gramians), strict=True))
 
 
 def nonzero(j: np.ndarray) -> np.ndarray:
@@ -338,37 +353,32 @@ def test_a_zero_row_drops_out(dtype, name):
 SCALES = {np.float32: (1e-20, 1e-10, 1e10, 1e20), np.float64: (1e-30, 1e-10, 1e10, 1e30)}
 
 
-def test_scale_laws(dtype):
-    """w(a G) = a^p w(G): p = 0 (scale-invariant), -1/2 (Nash-MTL), -alpha/(alpha+1)."""
+def test_scale_laws_and_dtype(dtype):
+    """w(a G) = a^p w(G): p = 0 (scale-invariant), -1/2 (Nash-MTL), -alpha/(alpha+1); the
+    weights are in the Gramian's dtype (checked by ``batched``)."""
     j = families(3, dtype)["random0"]
     scales = SCALES[dtype]
     g = j @ j.T
     stacked = jnp.asarray(np.stack([g] + [a * g for a in scales]), dtype)
     for name, p in EXPONENT.items():
-        w = np.asarray(_batched(name)(stacked), np.float64)
-        assert w.dtype == np.float64 and np.all(np.isfinite(w)), name
+        w = batched(name, stacked)
         for a, w_a in zip(scales, w[1:], strict=True):
             np.testing.assert_allclose(w_a, a**p * w[0], rtol=1e2 * TOL[dtype], err_msg=name)
 
 
-def test_weights_in_the_gramians_dtype(dtype):
-    g = jnp.asarray(families(3, dtype)["random0"] @ families(3, dtype)["random0"].T, dtype)
-    for name in METHODS:
-        assert METHODS[name]().weights(g, ())[0].dtype == dtype, name
-
-
-@pytest.mark.parametrize("c", [1e20, 1e-20])
-def test_float32_gradients_far_from_one_through_scaled_gramian(c):
-    """Norms 1e20 overflow J J^T in float32, 1e-20 underflow it: scaled_gramian divides first."""
+def test_float32_gradients_far_from_one_through_scaled_gramian():
+    """Norms 1e20 overflow J J^T in float32, 1e-20 underflow it: scaled_gramian divides first
+    and ``gradient_scale=`` carries the scale to the covariant weightings."""
     j = families(3, np.float32)["random0"]
-    big = {
-        "a": jnp.asarray(j[:, :20] * c, jnp.float32),
-        "b": jnp.asarray(j[:, 20:] * c, jnp.float32),
-    }
-    g, s = W.scaled_gramian(big)
+    factors = (1.0, 1e20, 1e-20)
+    pairs = [
+        W.scaled_gramian({"a": jnp.asarray(j[:, :20] * c), "b": jnp.asarray(j[:, 20:] * c)})
+        for c in factors
+    ]
+    gramians = jnp.stack([g.astype(jnp.float32) for g, _ in pairs])
+    scales = jnp.stack([s.astype(jnp.float32) for _, s in pairs])
     for name, p in EXPONENT.items():
-        weighting = METHODS[name]()
-        w = np.asarray(weighting.weights(g, (), gradient_scale=s)[0], np.float64)
-        w_one = np.asarray(weighting.weights(jnp.asarray(j @ j.T, jnp.float32), ())[0], np.float64)
-        # d(cJ) = c^(1 + 2p) d(J), i.e. w(c^2 G) = c^(2p) w(G).
-        np.testing.assert_allclose(w, c ** (2 * p) * w_one, rtol=1e-4, err_msg=name)
+        w = batched(name, gramians, scales)
+        for c, w_c in zip(factors[1:], w[1:], strict=True):
+            # d(cJ) = c^(1 + 2p) d(J), i.e. w(c^2 G) = c^(2p) w(G).
+            np.testing.assert_allclose(w_c, c ** (2 * p) * w[0], rtol=1e-4, err_msg=name)
