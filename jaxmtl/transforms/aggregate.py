@@ -212,9 +212,11 @@ def aggregate(
     """The optax transform ``J -> w(J J^T) @ J`` of a weighting, leaf by leaf.
 
     ``update(updates, state, params=None, **extra_args)``: ``updates`` has a leading task axis
-    K on every shared leaf; the Gramian is accumulated leaf by leaf in float32 (float64 for
-    float64 leaves), the weights come from ``weighting.weights(G, state, num_tasks=K,
-    dtype=..., **extra_args)`` (``dtype`` that accumulation dtype), and the output is
+    K on every shared leaf; the Gramian of ``J / s`` (``s`` a power of two >= max |J|, see
+    ``weighting.scaled_gramian``, so that float32 gradients of norm 1e-20 or 1e20 neither
+    underflow nor overflow) is accumulated leaf by leaf in float32 (float64 for float64
+    leaves), the weights come from ``weighting.weights(G, state, num_tasks=K, dtype=...,
+    gradient_scale=s, **extra_args)`` (``dtype`` that accumulation dtype), and the output is
     ``sum_k w_k updates[k]`` per shared leaf (each leaf's dtype), non-shared leaves unchanged.
     ``init(params)`` is ``weighting.init()`` with float32 leaves made float64 for float64
     shared parameters. Checks and non-finite input: see the module docstring.
@@ -243,7 +245,7 @@ def aggregate(
         return _cast_state(weighting.init(), _accumulation_dtype(params, shared))
 
     def step(updates, state, k, **extra_args):
-        gramian = None
+        gramian, scale = None, None
         if weighting.needs_gramian:
             if gramian_source == "features":
                 features = extra_args.pop("feature_gradients", None)
@@ -252,16 +254,19 @@ def aggregate(
                         "feature_gradients: gramian_source='features' needs "
                         "feature_gradients=(K, *z.shape) as an extra argument"
                     )
-                gramian = mtl.gramian(features)
+                gramian, scale = W.scaled_gramian(features)
                 if gramian.shape[0] != k:
                     raise ValueError(
                         f"feature_gradients: expected leading task axis {k}, got {gramian.shape[0]}"
                     )
             else:
-                gramian = mtl.gramian(updates, shared)
+                gramian, scale = W.scaled_gramian(updates, shared)
         extra_args.pop("num_tasks", None)
+        extra_args.pop("gradient_scale", None)
         extra_args["dtype"] = _accumulation_dtype(updates, shared)
-        weights, new_state = weighting.weights(gramian, state, num_tasks=k, **extra_args)
+        weights, new_state = weighting.weights(
+            gramian, state, num_tasks=k, gradient_scale=scale, **extra_args
+        )
         return mtl.combine(weights, updates, shared), optax.tree.cast_like(new_state, state)
 
     return Aggregator(init_fn, _guarded(step, shared))

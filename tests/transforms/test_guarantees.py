@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import scipy.optimize as so
 
+import jaxmtl.transforms
 from jaxmtl.transforms import weighting as W
 
 N = 50
@@ -382,3 +383,38 @@ def test_float32_gradients_far_from_one_through_scaled_gramian():
         for c, w_c in zip(factors[1:], w[1:], strict=True):
             # d(cJ) = c^(1 + 2p) d(J), i.e. w(c^2 G) = c^(2p) w(G).
             np.testing.assert_allclose(w_c, c ** (2 * p) * w[0], rtol=1e-4, err_msg=name)
+
+
+TRANSFORMS = {
+    "mgda": jaxmtl.transforms.mgda,
+    "upgrad": jaxmtl.transforms.upgrad,
+    "dualproj": jaxmtl.transforms.dualproj,
+    "cagrad": lambda: jaxmtl.transforms.cagrad(c=C),
+    "imtl_g": jaxmtl.transforms.imtl_g,
+    "aligned_mtl": jaxmtl.transforms.aligned_mtl,
+    "nash_mtl": jaxmtl.transforms.nash_mtl,
+    "fairgrad_1": lambda: jaxmtl.transforms.fairgrad(alpha=1.0),
+    "fairgrad_2": lambda: jaxmtl.transforms.fairgrad(alpha=2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_aggregators_on_float32_gradients_far_from_one(name):
+    """End to end through the optax transform: ``d(cJ) = c^(1 + 2p) d(J)`` for float32
+    gradients scaled by c = 1e20 (J J^T would overflow) and 1e-20 (it would underflow)."""
+    assert set(TRANSFORMS) == set(METHODS)
+    j = families(3, np.float32)["random0"]
+    tx = TRANSFORMS[name]()
+    params = {"a": jnp.zeros(20), "b": jnp.zeros(N - 20)}
+
+    @jax.jit
+    def direction(j):
+        updates, _ = tx.update({"a": j[:, :20], "b": j[:, 20:]}, tx.init(params), params)
+        return jnp.concatenate([updates["a"], updates["b"]])
+
+    d = np.asarray(direction(jnp.asarray(j)), np.float64)
+    for c in (1e20, 1e-20):
+        d_c = np.asarray(direction(jnp.asarray(j * np.float32(c))), np.float64)
+        assert np.all(np.isfinite(d_c)), (name, c)
+        expected = c ** (1.0 + 2.0 * EXPONENT[name]) * d
+        np.testing.assert_allclose(d_c, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
