@@ -1455,19 +1455,13 @@ def _heatmap_keys(config: Config, names: list[str]) -> list[str]:
 
 
 def _verdict(diffs: list[float], digits: int = 1) -> str:
-    """Judges paired per-seed differences, positive in the paper's direction.
-
-    "reproduces" needs every seed in the paper's direction; the mean ± std of the
-    differences is given with every verdict, so that a tiny consistent gap reads as such.
+    """Judges paired per-seed differences, positive in the paper's direction, with the
+    shared wording (:func:`jaxmtl.experiment.verdict`: "reproduces" needs every seed in the
+    paper's direction); the mean ± std of the differences is given with every verdict, so
+    that a tiny consistent gap reads as such.
     """
-    wins, n = sum(d > 0 for d in diffs), len(diffs)
     mean, std = jexp.mean_std(diffs)
-    gap = f"{wins}/{n} seeds, difference {mean:+.{digits}f} ± {std:.{digits}f}"
-    if wins == n and mean > 0:
-        return f"reproduces ({gap})"
-    if mean > 0:
-        return f"same direction on average, not in every seed ({gap})"
-    return f"does not reproduce ({gap})"
+    return jexp.verdict(diffs, detail=f"difference {mean:+.{digits}f} ± {std:.{digits}f}")
 
 
 def _diff(a: list[float], b: list[float], scale: float = 100.0) -> list[float]:
@@ -1801,22 +1795,24 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"nonlinear": "tab:blue", "linear": "tab:orange", "posthoc": "tab:green"}
-    fig, (ax_add, ax_neg) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, ((ax_add, ax_neg),) = jexp.figure(1, 2, size=(6.0, 4.4))
     alphas = np.asarray(agg["addition_alphas"])
+    jexp.plot_curves(
+        ax_add,
+        alphas,
+        {LABELS[m]: agg["addition"][m]["curve_normalized"] for m in METHODS},
+        scale=100,
+        colors={LABELS[m]: c for m, c in colors.items()},
+        marker=None,
+        xlabel="alpha (dotted: the selected alpha, mean over seeds)",
+        ylabel="mean normalized accuracy (%)",
+        title="Task addition (validation; mean ± std over seeds)",
+    )
     for method in METHODS:
-        curves = 100 * np.asarray(agg["addition"][method]["curve_normalized"])
-        mean, std = curves.mean(0), curves.std(0)
-        ax_add.plot(alphas, mean, color=colors[method], label=LABELS[method])
-        ax_add.fill_between(alphas, mean - std, mean + std, color=colors[method], alpha=0.2)
         chosen = float(np.mean(agg["addition"][method]["alpha"]))
         ax_add.axvline(chosen, color=colors[method], ls=":", lw=1)
     level = 100 * np.mean([c[0] for c in agg["addition"]["nonlinear"]["curve_normalized"]])
     ax_add.axhline(level, color="gray", ls="--", lw=1, label="theta_0 (alpha = 0)")
-    ax_add.set(
-        xlabel="alpha (dotted: the selected alpha, mean over seeds)",
-        ylabel="mean normalized accuracy (%)",
-        title="Task addition (validation)",
-    )
     ax_add.legend(fontsize=8)
     for method in METHODS:
         neg = agg["negation"][method]
@@ -1834,8 +1830,8 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
         title="Task negation (validation): target vs control",
     )
     ax_neg.legend(fontsize=8)
-    fig.tight_layout()
-    run_dir.savefig(fig, "alpha_curves")
+    title = f"Task arithmetic along alpha ({len(agg['tasks'])} tasks)"
+    run_dir.savefig(jexp.finish_figure(fig, title, smoke=config.smoke), "alpha_curves")
 
     dis = agg["disentanglement"]
     pairs = list(dis["nonlinear"]["mean_grids"])

@@ -1199,17 +1199,18 @@ NOT_CHECKED = "not checked in a smoke run"
 """The verdicts on a paper claim, the same words in every experiment (:func:`verdict`)."""
 
 
-def verdict(margins: Sequence[float]) -> str:
+def verdict(margins: Sequence[float], *, detail: str = "") -> str:
     """The verdict on a claim from per-seed margins, each positive when that seed goes the
     paper's way: :data:`REPRODUCES` when every seed does, :data:`ON_AVERAGE` when the mean
-    does, :data:`DOES_NOT_REPRODUCE` otherwise; with the count of seeds that do.
+    does, :data:`DOES_NOT_REPRODUCE` otherwise; with the count of seeds that do (and
+    ``detail``, e.g. the measured difference, after it).
 
     >>> verdict([0.3, 0.1, 0.2])
     'reproduces (3/3 seeds)'
     >>> verdict([0.3, -0.1, 0.2])
     'same direction on average, not in every seed (2/3 seeds)'
-    >>> verdict([-0.3, 0.1])
-    'does not reproduce (1/2 seeds)'
+    >>> verdict([-0.3, 0.1], detail="difference -0.1 ± 0.3")
+    'does not reproduce (1/2 seeds, difference -0.1 ± 0.3)'
     """
     margins = [float(m) for m in margins]
     if not margins:
@@ -1221,7 +1222,7 @@ def verdict(margins: Sequence[float]) -> str:
         word = ON_AVERAGE
     else:
         word = DOES_NOT_REPRODUCE
-    return f"{word} ({wins}/{n} seeds)"
+    return f"{word} ({wins}/{n} seeds{', ' + detail if detail else ''})"
 
 
 @dataclasses.dataclass(frozen=True)

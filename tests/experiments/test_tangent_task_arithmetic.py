@@ -80,6 +80,17 @@ def test_the_default_design_and_its_options():
         tta.Config(activation="tanh").effective()
 
 
+# Numbers of the smoke run below computed by the code BEFORE it moved onto the
+# jaxmtl.experiment harness (commit a293782's experiments/tangent_task_arithmetic.py): the
+# move must not change any result. (part, method, metric) -> per-seed values.
+BEFORE_MOVE = {
+    ("addition", "nonlinear", "normalized"): [0.9333333373069763],
+    ("addition", "linear", "absolute"): [0.3854166567325592],
+    ("negation", "linear", "target"): [0.1875],
+    ("disentanglement", "posthoc", "mean"): [0.020833333333333332],
+}
+
+
 def test_tangent_task_arithmetic_smoke(tmp_path, monkeypatch):
     built = []
     make_steps = tta.make_steps
@@ -146,6 +157,9 @@ def test_tangent_task_arithmetic_smoke(tmp_path, monkeypatch):
         assert len(jtrain._STEP_CACHE[steps.finetune[mode]]) == 1, mode
     assert all(math.isfinite(v) for v in results["nonlinear_advantage"])
     assert all(isinstance(c, str) and c for c in results["claims"])
+    for (part, method, key), before in BEFORE_MOVE.items():
+        assert results[part][method][key] == pytest.approx(before, rel=1e-6), (part, method)
+    assert results["kernel"]["localization"] == pytest.approx([0.8797615766525269], rel=1e-5)
     summary = _one(tmp_path, "summary.md").read_text()
     assert "| task |" in summary and "| method |" in summary and "## Paper claims" in summary
 
