@@ -1848,19 +1848,22 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
         extent = (alphas[0], alphas[-1], alphas[0], alphas[-1])
         for row, pair in zip(axes, pairs, strict=True):
             first, second = pair.split("|")
-            for ax, method in zip(row, METHODS, strict=True):
-                image = ax.imshow(
-                    np.asarray(dis[method]["mean_grids"][pair]).T,
-                    origin="lower",
-                    extent=extent,
-                    vmin=0.0,
-                    vmax=top,
-                    cmap="viridis",
-                )
+            grids = {LABELS[m]: np.asarray(dis[m]["mean_grids"][pair]).T for m in METHODS}
+            image = jexp.plot_heatmaps(
+                row,
+                grids,
+                xlabel=f"alpha {first}",
+                ylabel=f"alpha {second}",
+                colorbar_label="xi (mean over seeds)",
+                limits=(0.0, top),
+                extent=extent,
+                colorbar=False,  # one bar for every row (one colour scale)
+            )
+            for ax in row:
                 ax.plot([-1, 1, 1, -1, -1], [-1, -1, 1, 1, -1], "w:", lw=1)
-                ax.set(xlabel=f"alpha {first}", ylabel=f"alpha {second}", title=LABELS[method])
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="xi (mean over seeds)")
-        run_dir.savefig(fig, "disentanglement")
+        title = "Weight disentanglement xi over two tasks' alphas (dotted: the box [-1, 1]^2)"
+        run_dir.savefig(jexp.finish_figure(fig, title, smoke=config.smoke), "disentanglement")
 
     kernel, names = agg["kernel"], agg["tasks"]
     fig, (ax_cos, ax_mass, ax_norm) = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
@@ -1871,7 +1874,9 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
         ax_cos.set(xticks=ticks, yticks=ticks, title="Loss-gradient cosines at theta_0 (seed 0)")
         ax_cos.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax_cos.set_yticklabels(names, fontsize=7)
-        fig.colorbar(image, ax=ax_cos, shrink=0.8)
+        k_text = f"{config.kernel_examples} examples per task"
+        ax_cos.set(xlabel=f"example ({k_text})", ylabel=f"example ({k_text})")
+        fig.colorbar(image, ax=ax_cos, shrink=0.8, label="cosine")
     panels = (
         (ax_mass, "eigen_mass", "NTK eigenvectors' task mass at theta_0 (seed 0)"),
         (ax_norm, "eigen_mass_normalized", "the same, cosine-normalized NTK"),
@@ -1888,7 +1893,8 @@ def plot(agg: dict, run_dir: jexp.RunDir, config: Config) -> None:
             title=title,
         )
         ax.legend(fontsize=7)
-    run_dir.savefig(fig, "kernel")
+    title = "Kernel at theta_0: gradient cosines and task localization of the NTK"
+    run_dir.savefig(jexp.finish_figure(fig, title, smoke=config.smoke), "kernel")
 
 
 def _cpu_seconds() -> float:

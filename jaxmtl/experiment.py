@@ -1522,12 +1522,18 @@ def plot_heatmaps(
     cmap: str = "viridis",
     limits: tuple[float, float] | None = None,
     annotate: str | None = "{:.2f}",
+    extent: tuple[float, float, float, float] | None = None,
+    colorbar: bool = True,
 ):
     """One heat map per matrix on ``axes`` (titled by the matrix's name) with ONE colour
     scale shared by all of them (``limits``, default the overall min and max; a diverging
     ``cmap`` such as ``"RdBu_r"`` centres it on 0) and one colour bar; returns the image.
 
     ``annotate`` writes each value into its cell (a format string; ``None``: no text).
+    ``extent=(x0, x1, y0, y1)`` draws a matrix over continuous axes instead (row i at
+    height y, column j at x, the first row at the bottom; e.g. a grid over two scaling
+    coefficients), without index ticks or cell text. ``colorbar=False`` leaves the colour
+    bar to the caller (one bar for heat maps drawn by several calls with the same limits).
     """
     arrays = {name: np.asarray(m, np.float64) for name, m in matrices.items()}
     if len(arrays) != len(axes):
@@ -1540,6 +1546,12 @@ def plot_heatmaps(
         limits = (low, high)
     image = None
     for ax, (name, array) in zip(axes, arrays.items(), strict=True):
+        if extent is not None:
+            image = ax.imshow(
+                array, cmap=cmap, vmin=limits[0], vmax=limits[1], origin="lower", extent=extent
+            )
+            _label(ax, xlabel=xlabel, ylabel=ylabel, title=name)
+            continue
         image = ax.imshow(array, cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
         rows, cols = array.shape
         ax.set_xticks(
@@ -1563,6 +1575,6 @@ def plot_heatmaps(
                     color="white" if dark else "black",
                 )
         _label(ax, xlabel=xlabel, ylabel=ylabel, title=name)
-    figure_ = axes[0].get_figure()
-    figure_.colorbar(image, ax=list(axes), label=colorbar_label, shrink=0.9)
+    if colorbar:
+        axes[0].get_figure().colorbar(image, ax=list(axes), label=colorbar_label, shrink=0.9)
     return image
