@@ -67,8 +67,9 @@ Run: ``python -m experiments.tangent_task_arithmetic`` (default, minutes on 2 CP
 ``--tfds-dir DIR --tfds-limit 5000 --image-size 32 --rgb``) for the real benchmarks. Writes under
 ``runs/tangent_task_arithmetic/<timestamp>/``: config.json, metrics.jsonl, results.json,
 summary.md, alpha_curves.png, disentanglement.png. Fine-tuned task vectors are stored as
-checkpoints (``vectors/``) and each seed's evaluation as JSON (``seeds/``); ``--resume
-latest`` continues an interrupted run in its directory and skips every finished cell.
+checkpoints (``vectors/``) and each seed's evaluation as a cell of ``cells.jsonl``
+(:func:`jaxmtl.experiment.run_cells`); ``--resume latest`` continues an interrupted run in
+its directory and skips every finished cell.
 """
 
 from __future__ import annotations
@@ -78,9 +79,7 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -1069,51 +1068,29 @@ def evaluate_seed(
     alphas = _grid(config.disentangle_alphas)
     disentanglement = {}
     for method, (kind, mode) in METHODS.items():
-        grids = {}
-        for i, j in pairs:
-            xi = _disentanglement(
+
+        def xi(i, j, grid, kind=kind, mode=mode):
+            return _disentanglement(
                 logits_fn,
                 params0,
                 vectors[kind][i],
                 vectors[kind][j],
                 dis_inputs[i],
                 dis_inputs[j],
-                alphas,
+                grid,
                 mode=mode,
             )
-            grids[f"{names[i]}|{names[j]}"] = np.asarray(xi).tolist()
+
+        grids = {f"{names[i]}|{names[j]}": np.asarray(xi(i, j, alphas)).tolist() for i, j in pairs}
         # the pairwise flip rate at the deployed coefficients: xi(alpha*, alpha*) / 2, the
         # share of a pair's inputs whose prediction the other task's vector changes
         deployed = jnp.asarray([addition[method]["alpha"]], jnp.float32)
-        flips = {}
-        for i, j in pairs:
-            xi = _disentanglement(
-                logits_fn,
-                params0,
-                vectors[kind][i],
-                vectors[kind][j],
-                dis_inputs[i],
-                dis_inputs[j],
-                deployed,
-                mode=mode,
-            )
-            flips[f"{names[i]}|{names[j]}"] = float(xi[0, 0]) / 2
+        flips = {f"{names[i]}|{names[j]}": float(xi(i, j, deployed)[0, 0]) / 2 for i, j in pairs}
         # the heat-map pairs on the finer grid
         fine = {}
         for key in _heatmap_keys(config, names):
             i, j = (names.index(n) for n in key.split("|"))
-            fine[key] = np.asarray(
-                _disentanglement(
-                    logits_fn,
-                    params0,
-                    vectors[kind][i],
-                    vectors[kind][j],
-                    dis_inputs[i],
-                    dis_inputs[j],
-                    _grid(config.heatmap_alphas),
-                    mode=mode,
-                )
-            ).tolist()
+            fine[key] = np.asarray(xi(i, j, _grid(config.heatmap_alphas))).tolist()
         box = np.abs(np.asarray(alphas)) <= 1.0 + 1e-6
         disentanglement[method] = {
             "mean": float(np.mean([np.mean(g) for g in grids.values()])),
@@ -1244,12 +1221,6 @@ def _cache_key(config: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
 def _safe(name: str) -> str:
     return name.replace(":", "-").replace("/", "-")
 
@@ -1263,13 +1234,11 @@ def run_seed(
     steps: Steps,
     seed: int,
     run_dir: jexp.RunDir,
-    progress: Any,
 ) -> dict:
-    """Pre-training (cached), the fine-tuning cells (stored), then the seed's evaluation."""
-    seed_path = run_dir.subdir("seeds") / f"seed{seed}.json"
-    if seed_path.exists():
-        progress.update(2 * len(tasks))
-        return json.loads(seed_path.read_text())
+    """One seed's cell of :func:`jaxmtl.experiment.run_cells`: pre-training (cached under
+    ``<out_dir>/cache``), the fine-tuned task vectors (each an orbax checkpoint under the
+    run's ``vectors/``, so a resumed run fine-tunes only the missing ones), then the seed's
+    evaluation (:func:`evaluate_seed`)."""
     cache = Path(config.out_dir) / "cache" / f"pretrained-{_cache_key(config)}-seed{seed}"
     width = max(t.num_classes for t in tasks)
     like = {
@@ -1303,8 +1272,6 @@ def run_seed(
             vectors[mode].append(jexp.cached(path.resolve(), compute, like=tau_like))
             if record:
                 run_dir.log({"seed": seed, "task": task.name, "mode": mode, **record})
-            progress.update(1)
-    progress.set_postfix_str(f"seed {seed}: evaluating")
     start = time.perf_counter()
     result = evaluate_seed(config, tasks, logits_fn, params0, heads, vectors, seed)
     result["eval_seconds"] = time.perf_counter() - start
@@ -1316,7 +1283,6 @@ def run_seed(
             **{f"addition_normalized_{m}": result["addition"][m]["normalized"] for m in METHODS},
         }
     )
-    _write_json(seed_path, result)
     return result
 
 
@@ -1454,129 +1420,184 @@ def _heatmap_keys(config: Config, names: list[str]) -> list[str]:
     return keys
 
 
-def _verdict(diffs: list[float], digits: int = 1) -> str:
-    """Judges paired per-seed differences, positive in the paper's direction, with the
-    shared wording (:func:`jaxmtl.experiment.verdict`: "reproduces" needs every seed in the
-    paper's direction); the mean ± std of the differences is given with every verdict, so
-    that a tiny consistent gap reads as such.
-    """
-    mean, std = jexp.mean_std(diffs)
-    return jexp.verdict(diffs, detail=f"difference {mean:+.{digits}f} ± {std:.{digits}f}")
+TANGENT = "Ortiz-Jimenez et al. 2023 (tangent)"
+ATLAS = "Zhang et al. 2024 (aTLAS)"
 
 
-def _diff(a: list[float], b: list[float], scale: float = 100.0) -> list[float]:
-    return [scale * (x - y) for x, y in zip(a, b, strict=True)]
+def claim_table(agg: dict) -> dict[str, dict[str, list[float]]]:
+    """The per-seed values the claims compare, as a :func:`jaxmtl.experiment.seed_table`:
+    one arm per method (``"aTLAS <method>"`` for aTLAS, ``"theta_0"`` for the kernel)."""
+    add, dis = agg["addition"], agg["disentanglement"]
+    table: dict[str, dict[str, list[float]]] = {
+        method: {
+            "addition normalized": add[method]["normalized"],
+            "addition absolute": add[method]["absolute"],
+            "addition normalized alpha=1": add[method]["normalized_alpha_one"],
+            "negation target": agg["negation"][method]["target"],
+            "xi": dis[method]["mean"],
+            "xi box": dis[method]["mean_box"],
+            "flips": dis[method]["deployed_flips"],
+            "locality": agg["locality"][method]["ratio"],
+            "single": agg["single"][method]["per_task"],
+        }
+        for method in METHODS
+    }
+    for method in ATLAS_METHODS:
+        table[f"aTLAS {method}"] = {"addition absolute": agg["atlas"][method]["absolute"]}
+    table["theta_0"] = {"gradient cosine ratio": agg["kernel"]["gradient_cosine_ratio"]}
+    return table
 
 
-def claims(agg: dict) -> list[str]:
-    """One sentence per claim of the two papers, judged on the per-seed numbers; each
-    states how many seeds go the paper's way (:func:`_verdict`)."""
+def _pm(values, scale=100.0, digits=1) -> str:
+    return jexp.format_mean_std(values, digits=digits, scale=scale)
+
+
+def claims(agg: dict) -> list[jexp.Claim]:
+    """The claims of the two papers as :class:`jaxmtl.experiment.Claim` s over
+    :func:`claim_table` (paired per-seed differences, in points where they are accuracies);
+    each statement carries the published numbers and the measured values."""
     add, neg, dis = agg["addition"], agg["negation"], agg["disentanglement"]
-    loc, kernel, single = agg["locality"], agg["kernel"], agg["single"]
-    out = []
+    loc, kernel, single, pm = agg["locality"], agg["kernel"], agg["single"], _pm
 
-    def pm(values, scale=100.0, digits=1):
-        return jexp.format_mean_std(values, digits=digits, scale=scale)
+    def lin(where, statement, metric, direction="higher", scale=100.0, digits=1):
+        """Linearized against non-linear FT, in the paper's direction."""
+        paper = {"": TANGENT, "aTLAS": ATLAS}.get(where, f"{TANGENT}, {where}")
+        args = (direction, 0.0, False, scale, digits)
+        return jexp.Claim(paper, statement, metric, "linear", "nonlinear", *args)
 
-    d_norm = _diff(add["linear"]["normalized"], add["nonlinear"]["normalized"])
-    d_abs = _diff(add["linear"]["absolute"], add["nonlinear"]["absolute"])
-    out.append(
-        "Task addition (tangent paper Table 2, ViT-B/32 74.7/85.2 vs 70.1/77.2 abs/norm): "
-        f"linearized {pm(add['linear']['absolute'])} / {pm(add['linear']['normalized'])} vs "
-        f"non-linear {pm(add['nonlinear']['absolute'])} / {pm(add['nonlinear']['normalized'])}"
-        f" (theta_0: {pm(single['pretrained']['per_task'])} absolute; selected alpha "
-        f"{pm(add['linear']['alpha'], 1.0, 2)} vs {pm(add['nonlinear']['alpha'], 1.0, 2)}); "
-        f"normalized: {_verdict(d_norm)}; absolute: {_verdict(d_abs)}."
-    )
-    d_one = _diff(add["linear"]["normalized_alpha_one"], add["nonlinear"]["normalized_alpha_one"])
-    out.append(
-        "Task addition at alpha = 1 (linear task vectors survive the plain sum): normalized "
-        f"linearized {pm(add['linear']['normalized_alpha_one'])} vs non-linear "
-        f"{pm(add['nonlinear']['normalized_alpha_one'])}: {_verdict(d_one)}."
-    )
-    d_target = _diff(neg["nonlinear"]["target"], neg["linear"]["target"])
     kept = {m: int(min(neg[m]["control_kept"])) for m in ("nonlinear", "linear")}
-    out.append(
-        "Task negation (Table 2, target 11.5 vs 23.2 at control >= 95% of theta_0): target "
-        f"linearized {pm(neg['linear']['target'])} vs non-linear {pm(neg['nonlinear']['target'])}"
-        f" (control {pm(neg['linear']['control'])} vs {pm(neg['nonlinear']['control'])}, "
-        f"theta_0 target {pm(neg['nonlinear']['pretrained_target'])}, control "
-        f"{pm(neg['nonlinear']['pretrained_control'])}; the 95% constraint, met on validation, "
-        f"holds on test for >= {kept['linear']} (linearized) / {kept['nonlinear']} "
-        f"(non-linear) of {len(agg['tasks'])} targets in every seed): {_verdict(d_target)}."
-    )
-    d_xi = _diff(dis["nonlinear"]["mean"], dis["linear"]["mean"], 1.0)
-    d_box = _diff(dis["nonlinear"]["mean_box"], dis["linear"]["mean_box"], 1.0)
     pairs = dis["linear"]["pairs"]
     lower = [p for p in pairs if np.mean(pairs[p]) < np.mean(dis["nonlinear"]["pairs"][p])]
-    out.append(
-        "Weight disentanglement (Sec. 4-6, Fig. 3: xi lower for linearized FT): mean xi "
-        f"(in [0, 2]) over the full grid linearized {pm(dis['linear']['mean'], 1.0, 3)} vs "
-        f"non-linear {pm(dis['nonlinear']['mean'], 1.0, 3)}: {_verdict(d_xi, 3)}; lower in "
-        f"{len(lower)}/{len(pairs)} pairs (seed means). On the [-1, 1]^2 box: "
-        f"{pm(dis['linear']['mean_box'], 1.0, 3)} vs {pm(dis['nonlinear']['mean_box'], 1.0, 3)}"
-        f": {_verdict(d_box, 3)}."
-    )
-    d_flip = _diff(dis["nonlinear"]["deployed_flips"], dis["linear"]["deployed_flips"])
-    out.append(
-        "Pairwise flip rate at the deployed coefficients (aTLAS's disentanglement error, "
-        "xi(alpha*, alpha*) / 2 per task; compared with its re-measured ViT-B/32 6.67% "
-        f"non-linear vs 5.69% linearized): linearized {pm(dis['linear']['deployed_flips'])}% "
-        f"vs non-linear {pm(dis['nonlinear']['deployed_flips'])}%: {_verdict(d_flip)} (each "
-        "method at its own selected alpha)."
-    )
-    d_loc = _diff(loc["nonlinear"]["ratio"], loc["linear"]["ratio"], 1.0)
-    out.append(
-        "Locality (Sec. 5: a linearized task vector acts on its own task's inputs): "
-        "predictions a vector flips on the other tasks over those it flips on its own "
-        f"(alpha = 1), linearized {pm(loc['linear']['ratio'], 1.0, 2)} vs non-linear "
-        f"{pm(loc['nonlinear']['ratio'], 1.0, 2)}: {_verdict(d_loc, 2)}."
-    )
-    ratio = kernel["gradient_cosine_ratio"]
-    local = kernel["localization"]
-    out.append(
-        "The kernel at theta_0 (Sec. 5, Prop. 2: task arithmetic needs eigenfunctions "
-        "localized on single tasks): loss-gradient cosine across tasks / within a task "
-        f"{pm(ratio, 1.0, 2)} (below 1 in {sum(r < 1 for r in ratio)}/{len(ratio)} seeds; "
-        f"within {pm(kernel['gradient_cosine_within'], 1.0, 3)}, across "
-        f"{pm(kernel['gradient_cosine_across'], 1.0, 3)}); largest task mass of the top NTK "
-        f"eigenvectors {pm(local, 1.0, 2)} raw, "
-        f"{pm(kernel['localization_normalized'], 1.0, 2)} cosine-normalized (1 = localized, "
-        f"{1 / len(agg['tasks']):.2f} = spread evenly). A property of theta_0, shared by both "
-        "fine-tuning modes."
-    )
-    d_single = _diff(single["nonlinear"]["per_task"], single["linear"]["per_task"])
-    out.append(
-        "Single-task accuracy (Sec. 6, linearized FT a little lower: positive non-linear "
-        f"advantage): non-linear {pm(single['nonlinear']['per_task'])} vs linearized "
-        f"{pm(single['linear']['per_task'])}, advantage "
-        f"{pm(agg['nonlinear_advantage'], 1.0, 3)}: {_verdict(d_single)}."
-    )
+    out = [
+        lin(
+            "Table 2",
+            "Task addition, normalized accuracy higher for linearized FT (ViT-B/32 85.2 vs "
+            f"77.2; absolute 74.7 vs 70.1): linearized {pm(add['linear']['absolute'])} / "
+            f"{pm(add['linear']['normalized'])} vs non-linear {pm(add['nonlinear']['absolute'])}"
+            f" / {pm(add['nonlinear']['normalized'])} (abs / norm; theta_0: "
+            f"{pm(single['pretrained']['per_task'])} absolute; selected alpha "
+            f"{pm(add['linear']['alpha'], 1.0, 2)} vs {pm(add['nonlinear']['alpha'], 1.0, 2)})",
+            "addition normalized",
+        ),
+        lin("Table 2", "Task addition, absolute accuracy higher", "addition absolute"),
+        lin(
+            "",
+            "Task addition at alpha = 1 (linear task vectors survive the plain sum): normalized "
+            f"linearized {pm(add['linear']['normalized_alpha_one'])} vs non-linear "
+            f"{pm(add['nonlinear']['normalized_alpha_one'])}",
+            "addition normalized alpha=1",
+        ),
+        lin(
+            "Table 2",
+            "Task negation, target lower for linearized FT (11.5 vs 23.2 at control >= 95% of "
+            f"theta_0): linearized {pm(neg['linear']['target'])} vs non-linear "
+            f"{pm(neg['nonlinear']['target'])} (control {pm(neg['linear']['control'])} vs "
+            f"{pm(neg['nonlinear']['control'])}, theta_0 target "
+            f"{pm(neg['nonlinear']['pretrained_target'])}, control "
+            f"{pm(neg['nonlinear']['pretrained_control'])}; the 95% constraint, met on "
+            f"validation, holds on test for >= {kept['linear']} (linearized) / "
+            f"{kept['nonlinear']} (non-linear) of {len(agg['tasks'])} targets in every seed)",
+            "negation target",
+            "lower",
+        ),
+        lin(
+            "Sec. 4-6, Fig. 3",
+            "Weight disentanglement, mean xi (in [0, 2]) over the full grid lower for "
+            f"linearized FT: {pm(dis['linear']['mean'], 1.0, 3)} vs non-linear "
+            f"{pm(dis['nonlinear']['mean'], 1.0, 3)}; lower in {len(lower)}/{len(pairs)} pairs "
+            "(seed means)",
+            "xi",
+            "lower",
+            1.0,
+            3,
+        ),
+        lin(
+            "Sec. 4-6, Fig. 3",
+            f"Weight disentanglement on the [-1, 1]^2 box: {pm(dis['linear']['mean_box'], 1.0, 3)}"
+            f" vs {pm(dis['nonlinear']['mean_box'], 1.0, 3)}",
+            "xi box",
+            "lower",
+            1.0,
+            3,
+        ),
+        lin(
+            "aTLAS",
+            "Pairwise flip rate at the deployed coefficients (aTLAS's disentanglement error, "
+            "xi(alpha*, alpha*) / 2 per task; compared with its re-measured ViT-B/32 6.67% "
+            f"non-linear vs 5.69% linearized): linearized {pm(dis['linear']['deployed_flips'])}%"
+            f" vs non-linear {pm(dis['nonlinear']['deployed_flips'])}% (each method at its own "
+            "selected alpha; points)",
+            "flips",
+            "lower",
+        ),
+        lin(
+            "Sec. 5",
+            "Locality (a linearized task vector acts on its own task's inputs): predictions a "
+            "vector flips on the other tasks over those it flips on its own (alpha = 1), "
+            f"linearized {pm(loc['linear']['ratio'], 1.0, 2)} vs non-linear "
+            f"{pm(loc['nonlinear']['ratio'], 1.0, 2)}",
+            "locality",
+            "lower",
+            1.0,
+            2,
+        ),
+        jexp.Claim(
+            f"{TANGENT}, Sec. 5, Prop. 2",
+            "The kernel at theta_0 (task arithmetic needs eigenfunctions localized on single "
+            "tasks): loss-gradient cosine across tasks / within a task below 1 (within "
+            f"{pm(kernel['gradient_cosine_within'], 1.0, 3)}, across "
+            f"{pm(kernel['gradient_cosine_across'], 1.0, 3)}); largest task mass of the top "
+            f"NTK eigenvectors {pm(kernel['localization'], 1.0, 2)} raw, "
+            f"{pm(kernel['localization_normalized'], 1.0, 2)} cosine-normalized (1 = "
+            f"localized, {1 / len(agg['tasks']):.2f} = spread evenly). A property of theta_0, "
+            "shared by both fine-tuning modes",
+            "gradient cosine ratio",
+            "theta_0",
+            direction="lower",
+            threshold=1.0,
+            digits=2,
+        ),
+        jexp.Claim(
+            f"{TANGENT}, Sec. 6",
+            "Single-task accuracy a little lower for linearized FT (positive non-linear "
+            f"advantage): non-linear {pm(single['nonlinear']['per_task'])} vs linearized "
+            f"{pm(single['linear']['per_task'])}, advantage "
+            f"{pm(agg['nonlinear_advantage'], 1.0, 3)}",
+            "single",
+            "nonlinear",
+            "linear",
+            scale=100,
+        ),
+    ]
     for method in ATLAS_METHODS:
         at, iso = agg["atlas"][method], add[method]
-        d = _diff(at["absolute"], iso["absolute"])
-        out.append(
-            f"aTLAS beats the isotropic alpha (aTLAS Table 1, {LABELS[method]} vectors; B/32 "
+        statement = (
+            f"aTLAS beats the isotropic alpha ({LABELS[method]} vectors; B/32 "
             f"{'+14.9' if method == 'nonlinear' else '+8.8'} points absolute): aTLAS "
             f"{pm(at['absolute'])} / {pm(at['normalized'])} vs isotropic "
-            f"{pm(iso['absolute'])} / {pm(iso['normalized'])} (abs / norm): {_verdict(d)}."
+            f"{pm(iso['absolute'])} / {pm(iso['normalized'])} (abs / norm)"
         )
-    out.append(
+        arms = ("addition absolute", f"aTLAS {method}", method)
+        out.append(jexp.Claim(f"{ATLAS}, Table 1", statement, *arms, scale=100))
+    return out
+
+
+def posthoc_note(agg: dict) -> str:
+    """Post-hoc linearization, an ablation of the tangent paper with no direction stated."""
+    add, pm = agg["addition"], _pm
+    return (
         "Post-hoc linearization (ablation: the non-linear vectors on the linearized model; no "
         f"direction stated in the notes): addition {pm(add['posthoc']['absolute'])} / "
         f"{pm(add['posthoc']['normalized'])} (abs / norm) vs non-linear "
-        f"{pm(add['nonlinear']['absolute'])} / {pm(add['nonlinear']['normalized'])}, "
-        f"single-task {pm(single['posthoc']['per_task'])}, xi {pm(dis['posthoc']['mean'], 1.0, 3)}."
+        f"{pm(add['nonlinear']['absolute'])} / {pm(add['nonlinear']['normalized'])}, single-"
+        f"task {pm(agg['single']['posthoc']['per_task'])}, xi "
+        f"{pm(agg['disentanglement']['posthoc']['mean'], 1.0, 3)}."
     )
-    return out
 
 
 def summary_markdown(agg: dict, config: Config, seconds: float) -> str:
     """The summary.md text: the paper's tables with mean ± std over seeds, then the claims."""
-
-    def pm(values, scale=100.0, digits=1):
-        return jexp.format_mean_std(values, digits=digits, scale=scale)
-
+    pm = _pm
     names = agg["tasks"]
     source = ""
     if config.data == "tfds":
@@ -1607,18 +1628,14 @@ def summary_markdown(agg: dict, config: Config, seconds: float) -> str:
         "## Single-task accuracy",
         "",
     ]
-    rows = []
-    for name in names:
-        row = {"task": name}
-        for method in ("pretrained", *METHODS):
-            label = "Pre-trained" if method == "pretrained" else LABELS[method]
-            row[label] = pm(agg["single"][method]["tasks"][name])
-        rows.append(row)
-    avg = {"task": "**average**"}
-    for method in ("pretrained", *METHODS):
-        label = "Pre-trained" if method == "pretrained" else LABELS[method]
-        avg[label] = pm(agg["single"][method]["per_task"])
-    rows.append(avg)
+    labels = {"pretrained": "Pre-trained", **LABELS}
+    rows = [
+        {"task": name} | {labels[m]: pm(agg["single"][m]["tasks"][name]) for m in labels}
+        for name in names
+    ]
+    rows.append(
+        {"task": "**average**"} | {labels[m]: pm(agg["single"][m]["per_task"]) for m in labels}
+    )
     lines += [
         jexp.markdown_table(rows),
         "",
@@ -1756,8 +1773,7 @@ def summary_markdown(agg: dict, config: Config, seconds: float) -> str:
         "## Paper claims",
         "",
     ]
-    lines += [f"- {c}" for c in agg["claims"]]
-    lines.append("")
+    lines += [jexp.claims_markdown(agg["claims"], smoke=config.smoke), "", posthoc_note(agg), ""]
     return "\n".join(lines)
 
 
@@ -1904,26 +1920,10 @@ def _cpu_seconds() -> float:
 
 
 def _commit() -> str:
-    """The git commit of the code (with ``+dirty`` if tracked files differ), or "unknown"."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "experiments", "jaxmtl"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+    """The git commit of the code (12 digits, ``+dirty`` with uncommitted changes to tracked
+    files), from :func:`jaxmtl.experiment.provenance`."""
+    git = jexp.provenance()["git"]
+    return git["commit"][:12] + ("+dirty" if git["dirty"] is True else "")
 
 
 PROG = "python -m experiments.tangent_task_arithmetic"
@@ -1940,8 +1940,6 @@ def run(config: Config) -> dict:
     """Runs every seed (pre-training, fine-tuning cells, evaluation), writes the run
     directory and returns the results; with ``Config.ablation``, the ablation instead
     (:func:`run_ablation`)."""
-    from tqdm.auto import tqdm
-
     if config.ablation:
         return run_ablation(config)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -1952,25 +1950,18 @@ def run(config: Config) -> dict:
     backbone = make_backbone(effective)
     logits_fn = make_logits_fn(backbone)
     steps = make_steps(effective, backbone, tasks, pretrain_tasks)
-    total = 2 * len(tasks) * len(effective.seeds)
-    per_seed = []
-    with tqdm(total=total, desc=f"{NAME} fine-tuning", disable=effective.smoke) as progress:
-        for seed in effective.seeds:
-            per_seed.append(
-                run_seed(
-                    effective,
-                    tasks,
-                    pretrain_tasks,
-                    backbone,
-                    logits_fn,
-                    steps,
-                    seed,
-                    run_dir,
-                    progress,
-                )
-            )
+
+    def compute(arm: str, seed: int) -> dict:
+        args = (effective, tasks, pretrain_tasks, backbone, logits_fn, steps, seed, run_dir)
+        return run_seed(*args)
+
+    stamp = jexp.config_stamp(effective)  # without out_dir / resume: a moved run resumes
+    cells = jexp.run_cells(
+        run_dir, [NAME], effective.seeds, compute, stamp=stamp, progress=not effective.smoke
+    )
+    per_seed = list(cells[NAME].values())
     agg = aggregate(per_seed, effective)
-    agg["claims"] = claims(agg)
+    agg["claims"] = jexp.check_claims(claims(agg), claim_table(agg), smoke=effective.smoke)
     seconds = time.perf_counter() - start
     agg["seconds"] = seconds
     agg["cpu_seconds"] = _cpu_seconds() - cpu_start

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from experiments import tangent_task_arithmetic as tta
 from jaxmtl import data as jdata
+from jaxmtl import experiment as jexp
 from jaxmtl import train as jtrain
 
 
@@ -156,7 +157,9 @@ def test_tangent_task_arithmetic_smoke(tmp_path, monkeypatch):
     for mode in ("nonlinear", "linear"):
         assert len(jtrain._STEP_CACHE[steps.finetune[mode]]) == 1, mode
     assert all(math.isfinite(v) for v in results["nonlinear_advantage"])
-    assert all(isinstance(c, str) and c for c in results["claims"])
+    # the claims as jaxmtl.experiment.Claim rows: not judged in a smoke run
+    assert results["claims"] and all(c["claim"] and c["measured"] for c in results["claims"])
+    assert all(c["verdict"] == jexp.NOT_CHECKED for c in results["claims"])
     for (part, method, key), before in BEFORE_MOVE.items():
         assert results[part][method][key] == pytest.approx(before, rel=1e-6), (part, method)
     assert results["kernel"]["localization"] == pytest.approx([0.8797615766525269], rel=1e-5)
