@@ -930,74 +930,6 @@ def kernel_analysis(
     }
 
 
-def _sweep_fn(logits_fn: Callable, mode: str, size: int) -> Callable:
-    """``sweep(stacked, grid, x, y) -> (len(grid),)`` accuracies of ``theta_0 + c sum tau``:
-    one compiled program per (mode, vector count, batch shape) for every evaluation of a
-    seed, the 1-D grid zero-padded to ``size`` settings (each setting is computed on its own,
-    so padding leaves the real ones unchanged) and the padding dropped."""
-    compiled = tv.protocols._compiled_accuracies(logits_fn, None, mode, None)
-
-    def sweep(params0, stacked, grid, x, y):
-        grid = np.asarray(grid, np.float32)  # padded on the host: no extra programs
-        padded = np.zeros((size,), np.float32)
-        padded[: grid.shape[0]] = grid
-        return np.asarray(compiled(params0, stacked, padded, x, y))[: grid.shape[0]]
-
-    return sweep
-
-
-def _addition(sweep, params0, stacked, val, test, ft_val, ft_test, a) -> tv.AdditionResult:
-    """``tv.task_addition`` (same selection and values) on the shared padded sweep."""
-
-    def accuracies(data, grid):
-        return jnp.stack([sweep(params0, stacked, grid, x, y) for x, y in data], axis=-1)
-
-    val_acc = accuracies(val, a)
-    index = int(tv.select_addition_alpha(a, val_acc, ft_val))
-    test_acc = accuracies(test, jnp.stack([a[index], jnp.ones_like(a[index])]))
-    test_norm = tv.normalized_accuracy(test_acc, ft_test)
-    return tv.AdditionResult(
-        alphas=np.asarray(a),
-        index=index,
-        alpha=float(a[index]),
-        validation_accuracies=np.asarray(val_acc),
-        validation_normalized=np.asarray(tv.normalized_accuracy(val_acc, ft_val)),
-        test_accuracies=np.asarray(test_acc[0]),
-        test_normalized=np.asarray(test_norm[0]),
-        test_accuracies_alpha_one=np.asarray(test_acc[1]),
-        test_normalized_alpha_one=np.asarray(test_norm[1]),
-    )
-
-
-def _negation(
-    sweep, params0, stacked, val, control_val, test, control_test, a, threshold
-) -> tv.NegationResult:
-    """``tv.task_negation`` (same selection and values) on the shared padded sweep."""
-    grid = jnp.concatenate([jnp.zeros((1,), a.dtype), -a])
-    target_val = sweep(params0, stacked, grid, *val)
-    control_val_acc = sweep(params0, stacked, grid, *control_val)
-    index, found = tv.select_negation_alpha(
-        a, target_val[1:], control_val_acc[1:], control_val_acc[0], threshold=threshold
-    )
-    index = int(index)
-    test_grid = jnp.stack([jnp.zeros_like(a[index]), -a[index]])
-    target_test = sweep(params0, stacked, test_grid, *test)
-    control_test_acc = sweep(params0, stacked, test_grid, *control_test)
-    return tv.NegationResult(
-        alphas=np.asarray(a),
-        index=index,
-        alpha=float(a[index]),
-        found=bool(found),
-        validation_target=np.asarray(target_val[1:]),
-        validation_control=np.asarray(control_val_acc[1:]),
-        pretrained_validation_control=float(control_val_acc[0]),
-        test_target=float(target_test[1]),
-        test_control=float(control_test_acc[1]),
-        pretrained_test_target=float(target_test[0]),
-        pretrained_test_control=float(control_test_acc[0]),
-    )
-
-
 def _floats(values: Any) -> list[float]:
     return [float(v) for v in np.asarray(values).reshape(-1)]
 
@@ -1024,7 +956,10 @@ def evaluate_seed(
     size = max(
         2, _grid(config.addition_alphas).shape[0], _grid(config.negation_alphas).shape[0] + 1
     )
-    sweeps = {mode: _sweep_fn(logits_fn, mode, size) for _, mode in METHODS.values()}
+    sweeps = {
+        mode: functools.partial(tv.padded_edit_accuracies, logits_fn, mode=mode, pad_to=size)
+        for _, mode in METHODS.values()
+    }
     out: dict[str, Any] = {"tasks": names}
     clock = {"last": time.perf_counter()}
     timing: dict[str, float] = {}
@@ -1057,15 +992,17 @@ def evaluate_seed(
     # Task addition: one shared alpha, chosen on validation by mean normalized accuracy.
     addition = {}
     for method, (kind, mode) in METHODS.items():
-        res = _addition(
-            sweeps[mode],
+        res = tv.task_addition(
+            logits_fn,
             params0,
             stacked[kind],
-            val,
-            test,
-            jnp.asarray(single[method]["validation"]),
-            jnp.asarray(single[method]["test"]),
-            _grid(config.addition_alphas),
+            validation=val,
+            test=test,
+            finetuned_validation_accuracies=jnp.asarray(single[method]["validation"]),
+            finetuned_test_accuracies=jnp.asarray(single[method]["test"]),
+            alphas=_grid(config.addition_alphas),
+            mode=mode,
+            pad_to=size,
         )
         addition[method] = {
             "alpha": res.alpha,
@@ -1094,16 +1031,18 @@ def evaluate_seed(
                 y = np.concatenate([pairs[j][1] for j in others])
                 return task_inputs(x, ids, heads), y
 
-            res = _negation(
-                sweeps[mode],
+            res = tv.task_negation(
+                logits_fn,
                 params0,
-                singles[kind][i],
-                val[i],
-                control(val),
-                test[i],
-                control(test),
-                _grid(config.negation_alphas),
-                config.negation_threshold,
+                vectors[kind][i],
+                validation=val[i],
+                control_validation=control(val),
+                test=test[i],
+                control_test=control(test),
+                alphas=_grid(config.negation_alphas),
+                threshold=config.negation_threshold,
+                mode=mode,
+                pad_to=size,
             )
             rows.append(res)
         negation[method] = {

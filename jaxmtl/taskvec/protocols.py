@@ -36,6 +36,7 @@ __all__ = [
     "NegationResult",
     "edit_accuracies",
     "normalized_accuracy",
+    "padded_edit_accuracies",
     "select_addition_alpha",
     "select_negation_alpha",
     "task_addition",
@@ -215,6 +216,47 @@ def _compiled_accuracies(
     )
 
 
+def padded_edit_accuracies(
+    apply_fn: ApplyFn,
+    params0: PyTree,
+    vectors: PyTree,
+    coefficients: Any,
+    x: Any,
+    y: Any,
+    *,
+    head: Callable[[Any], jax.Array] | None = None,
+    mode: str = "nonlinear",
+    batch_size: int | None = None,
+    pad_to: int | None = None,
+) -> jax.Array | np.ndarray:
+    """:func:`edit_accuracies` through one compiled program per (model, head, mode, shapes).
+
+    With ``pad_to``, the ``(G, ...)`` coefficient grid is zero-padded on the host to ``pad_to``
+    settings and the padding dropped from the result, so that grids of different lengths
+    (a validation sweep, a two-point test grid) share one compilation. Each setting is
+    evaluated on its own, so the padding leaves the real settings' values unchanged. Returns
+    ``(G,)`` accuracies (NumPy when padded).
+
+    >>> f = lambda p, x: x * p
+    >>> acc = padded_edit_accuracies(f, jnp.array([1.0, 0.0]), jnp.array([[-1.0, 1.0]]),
+    ...                              jnp.array([1.0]), jnp.ones((4, 2)), jnp.ones(4, jnp.int32),
+    ...                              pad_to=3)
+    >>> acc.tolist()
+    [1.0]
+    """
+    compiled = _compiled_accuracies(apply_fn, head, check_mode(mode), batch_size)
+    if pad_to is None:
+        return compiled(params0, vectors, coefficients, x, y)
+    grid = np.asarray(coefficients)
+    if grid.ndim == 0 or pad_to < grid.shape[0]:
+        raise ValueError(
+            f"pad_to: expected at least the {grid.shape[:1]} coefficient settings, got {pad_to}"
+        )
+    padded = np.zeros((pad_to, *grid.shape[1:]), grid.dtype)
+    padded[: grid.shape[0]] = grid
+    return np.asarray(compiled(params0, vectors, padded, x, y))[: grid.shape[0]]
+
+
 class AdditionResult(NamedTuple):
     """Outcome of :func:`task_addition`; accuracies are in ``[0, 1]``, ``T`` tasks."""
 
@@ -266,6 +308,7 @@ def task_addition(
     heads: Sequence[Callable] | None = None,
     mode: str = "nonlinear",
     batch_size: int | None = None,
+    pad_to: int | None = None,
 ) -> AdditionResult:
     """The task-addition protocol: shared alpha on validation, report test at it and at 1.
 
@@ -284,6 +327,8 @@ def task_addition(
       alphas: ``(A,)`` grid, e.g. ``jnp.linspace(0, 1, 21)``.
       heads: ``T`` frozen heads ``features -> logits`` or ``None`` (outputs are logits).
       mode, batch_size: as in :func:`edit_accuracies`.
+      pad_to: grids padded to this many settings (:func:`padded_edit_accuracies`): one
+        compilation per (head, data shape) for the validation and the test grid.
     """
     check_mode(mode)
     stacked, n = as_stacked(vectors, params0)
@@ -296,11 +341,12 @@ def task_addition(
 
     def accuracies(data, grid):
         columns = [
-            _compiled_accuracies(apply_fn, head_of(t), mode, batch_size)(
-                params0, stacked, grid, x, y
+            padded_edit_accuracies(
+                apply_fn, params0, stacked, grid, x, y,
+                head=head_of(t), mode=mode, batch_size=batch_size, pad_to=pad_to,
             )
             for t, (x, y) in enumerate(data)
-        ]
+        ]  # fmt: skip
         return jnp.stack(columns, axis=-1)
 
     val_acc = accuracies(validation, a)
@@ -337,6 +383,7 @@ def task_negation(
     threshold: float = 0.95,
     mode: str = "nonlinear",
     batch_size: int | None = None,
+    pad_to: int | None = None,
 ) -> NegationResult:
     """The task-negation protocol: forget a task while keeping control accuracy.
 
@@ -353,6 +400,8 @@ def task_negation(
       head, control_head: frozen heads of the target and control tasks (or ``None``).
       threshold: kept fraction of the pre-trained control accuracy.
       mode, batch_size: as in :func:`edit_accuracies`.
+      pad_to: grids padded to this many settings (at least ``A + 1``), as in
+        :func:`task_addition`.
     """
     check_mode(mode)
     stacked, _ = as_stacked([vector], params0)
@@ -361,8 +410,10 @@ def task_negation(
 
     def accuracies(data, task_head, coefficients):
         x, y = data
-        compiled = _compiled_accuracies(apply_fn, task_head, mode, batch_size)
-        return compiled(params0, stacked, coefficients, x, y)
+        return padded_edit_accuracies(
+            apply_fn, params0, stacked, coefficients, x, y,
+            head=task_head, mode=mode, batch_size=batch_size, pad_to=pad_to,
+        )  # fmt: skip
 
     target_val = accuracies(validation, head, grid)
     control_val = accuracies(control_validation, control_head, grid)

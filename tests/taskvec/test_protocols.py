@@ -72,8 +72,9 @@ def test_edit_accuracies_match_one_evaluation_per_setting(mode):
         np.testing.assert_allclose(got, want)
 
 
+@pytest.mark.parametrize("pad_to", [None, 16])
 @pytest.mark.parametrize("mode", ["nonlinear", "linear"])
-def test_task_addition_driver_follows_the_protocol(mode):
+def test_task_addition_driver_follows_the_protocol(mode, pad_to):
     with float64():
         p0 = mlp_params(0, SIZES, jnp.float64)
         taus = [random_like(s, p0, scale=0.7) for s in (1, 2)]
@@ -84,7 +85,7 @@ def test_task_addition_driver_follows_the_protocol(mode):
         result = taskvec.task_addition(
             mlp_apply, p0, taus, validation=validation, test=test,
             finetuned_validation_accuracies=ft_val, finetuned_test_accuracies=ft_test,
-            alphas=alphas, heads=heads, mode=mode,
+            alphas=alphas, heads=heads, mode=mode, pad_to=pad_to,
         )  # fmt: skip
         model = mlp_apply if mode == "nonlinear" else taskvec.linearize(mlp_apply, p0)
 
@@ -105,8 +106,9 @@ def test_task_addition_driver_follows_the_protocol(mode):
         np.testing.assert_allclose(result.test_accuracies_alpha_one, accuracies(test, 1.0))
 
 
+@pytest.mark.parametrize("pad_to", [None, 16])
 @pytest.mark.parametrize("mode", ["nonlinear", "linear"])
-def test_task_negation_driver_follows_the_protocol(mode):
+def test_task_negation_driver_follows_the_protocol(mode, pad_to):
     with float64():
         p0 = mlp_params(0, SIZES, jnp.float64)
         tau = random_like(1, p0, scale=0.1)
@@ -126,7 +128,7 @@ def test_task_negation_driver_follows_the_protocol(mode):
         result = taskvec.task_negation(
             mlp_apply, p0, tau, validation=(xv, yv), control_validation=(xcv, ycv),
             test=(xt, yt), control_test=(xct, yct), alphas=alphas, head=head,
-            control_head=control_head, threshold=0.9, mode=mode,
+            control_head=control_head, threshold=0.9, mode=mode, pad_to=pad_to,
         )  # fmt: skip
         model = mlp_apply if mode == "nonlinear" else taskvec.linearize(mlp_apply, p0)
         params = lambda a: taskvec.apply(p0, [tau], -a)
@@ -174,3 +176,19 @@ def test_bad_inputs_are_reported():
             test=[], finetuned_validation_accuracies=jnp.ones(2),
             finetuned_test_accuracies=jnp.ones(2), alphas=alphas,
         )  # fmt: skip
+
+
+def test_padded_edit_accuracies_equal_unpadded_and_reject_short_padding():
+    """Padding the grid on the host shares one compilation and leaves every value as it was."""
+    with float64():
+        p0 = mlp_params(0, SIZES, jnp.float64)
+        taus = taskvec.stack([random_like(s, p0) for s in (1, 2)])
+        (x, y), _ = _task_data(3)
+        head = _heads(4)[0]
+        grid = jnp.asarray(np.random.default_rng(5).normal(size=(5, 2)))
+        plain = taskvec.edit_accuracies(mlp_apply, p0, taus, grid, x, y, head=head)
+        pad = taskvec.padded_edit_accuracies
+        padded = pad(mlp_apply, p0, taus, grid, x, y, head=head, pad_to=9)
+        np.testing.assert_array_equal(padded, np.asarray(plain))
+        with pytest.raises(ValueError, match="pad_to"):
+            pad(mlp_apply, p0, taus, grid, x, y, head=head, pad_to=4)
